@@ -1,0 +1,23 @@
+"""fastclip: torch's gradient clipping on fused Numba kernels, exact and fast.
+
+    >>> import torch, fastclip
+    >>> model = torch.nn.Linear(4, 2)
+    >>> model(torch.randn(8, 4)).sum().backward()
+    >>> norm = fastclip.clip_grad_norm_(model.parameters(), max_norm=1.0)
+"""
+
+from fastclip.clip_grad import (
+    clip_grad_norm_,
+    clip_grad_value_,
+    clip_grads_with_norm_,
+    get_total_norm,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "clip_grad_norm_",
+    "clip_grad_value_",
+    "clip_grads_with_norm_",
+    "get_total_norm",
+]

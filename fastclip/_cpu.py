@@ -1,0 +1,112 @@
+"""The CPU backend: runs the fused Numba kernels on a ``TensorTable``.
+
+Everything that touches numba's thread pool goes through ``_numba_threads`` so a call never
+changes torch's own thread count (numba's OpenMP layer shares torch's libgomp; numba #9387).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Iterator, NamedTuple
+
+import numba
+import numpy as np
+import torch
+
+from fastclip._table import TensorTable
+from fastclip.kernels import cpu as K
+from fastclip.kernels.layout import build_chunk_table, norm_kind, NORM_INF
+
+# Below this many elements one thread finishes before a thread pool would wake up.
+PARALLEL_MIN_ELEMENTS = 1 << 18
+
+# numba's workqueue threading layer aborts when entered from two threads at once
+# (numba #8563): serialize our parallel regions.
+_pool_lock = threading.Lock()
+
+
+class PowerSums(NamedTuple):
+    """Result of one read pass: sum of |x|**p (max |x| for inf), accumulated in float64.
+
+    Attributes:
+        total: over all tensors.
+        per_tensor: one value per tensor, in the table's order.
+        nonfinite: number of inf/NaN elements.
+    """
+
+    total: float
+    per_tensor: np.ndarray
+    nonfinite: int
+
+
+@contextlib.contextmanager
+def _numba_threads(parallel: bool) -> Iterator[None]:
+    if not parallel:
+        yield
+        return
+    torch_threads = torch.get_num_threads()
+    with _pool_lock:
+        numba.set_num_threads(max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS)))
+        try:
+            yield
+        finally:
+            if torch.get_num_threads() != torch_threads:
+                torch.set_num_threads(torch_threads)
+
+
+def _chunks(lengths: np.ndarray):
+    parallel = int(lengths.sum()) >= PARALLEL_MIN_ELEMENTS
+    n_groups = torch.get_num_threads() if parallel else 1
+    return build_chunk_table(lengths, n_groups=n_groups), parallel
+
+
+def power_sums(table: TensorTable, p: float, count_nonfinite: bool = False) -> PowerSums:
+    """One read pass over every tensor of ``table``: float64 sums of |x|**p, and their total."""
+    kind = norm_kind(p)
+    chunks, parallel = _chunks(table.lengths)
+    partials = np.empty(chunks.n_chunks, dtype=np.float64)
+    kernel = K.chunk_power_sums_parallel if parallel else K.chunk_power_sums_serial
+    with _numba_threads(parallel):
+        kernel(table.addrs, table.codes, chunks.tensor, chunks.start, chunks.stop,
+               chunks.group_bounds, kind, float(p), partials)
+    n = len(table.tensors)
+    per_tensor = np.empty(n, dtype=np.float64)
+    total = K.combine_partials(chunks.tensor, partials, kind, n, per_tensor)
+    nonfinite = 0
+    if count_nonfinite and not np.isfinite(total):
+        counts = np.empty(n, dtype=np.int64)
+        nonfinite = int(K.count_nonfinite(table.addrs, table.codes, chunks.tensor, chunks.start,
+                                          chunks.stop, partials, counts))
+    return PowerSums(float(total), per_tensor, nonfinite)
+
+
+def scale_(table: TensorTable, coef: float) -> None:
+    """Multiply every tensor of ``table`` by ``coef`` in place (torch's ``mul_`` rounding).
+
+    A coefficient >= 1 means torch would multiply by exactly 1: nothing changes, so nothing is
+    written. NaN (from a NaN norm) is not >= 1 and is applied, as torch does.
+    """
+    if coef >= 1.0:
+        return
+    chunks, parallel = _chunks(table.writable_lengths())
+    kernel = K.scale_parallel if parallel else K.scale_serial
+    with _numba_threads(parallel):
+        kernel(table.addrs, table.codes, chunks.tensor, chunks.start, chunks.stop,
+               chunks.group_bounds, float(coef))
+    for i in table.strided:
+        table.tensors[i].mul_(coef)
+
+
+def clamp_(table: TensorTable, bound: float) -> None:
+    """Clamp every tensor of ``table`` to ``[-bound, bound]`` in place."""
+    chunks, parallel = _chunks(table.writable_lengths())
+    kernel = K.clamp_parallel if parallel else K.clamp_serial
+    with _numba_threads(parallel):
+        kernel(table.addrs, table.codes, chunks.tensor, chunks.start, chunks.stop,
+               chunks.group_bounds, float(bound))
+    for i in table.strided:
+        table.tensors[i].clamp_(min=-bound, max=bound)
+
+
+__all__ = ["PowerSums", "power_sums", "scale_", "clamp_", "NORM_INF"]

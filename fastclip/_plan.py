@@ -1,0 +1,147 @@
+"""Group tensors by device, pick each device's backend, and compose the per-device passes.
+
+A ``Plan`` is built once per call and serves both passes (norm, then scale), so the tensor
+tables are built once. Devices without a fastclip backend (meta, mps, xla, ...) and complex
+dtypes are not handled here: ``Plan.build`` returns None and the caller defers to torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from fastclip import _cpu
+from fastclip._table import DTYPE_CODES, TensorTable
+
+
+def _backend_for(device: torch.device):
+    if device.type == "cpu":
+        return _cpu
+    if device.type == "cuda":
+        try:
+            from fastclip import _cuda
+        except ImportError:  # numba-cuda is not installed: torch does the work
+            return None
+        return _cuda if _cuda.is_available() else None
+    return None
+
+
+@dataclass
+class DeviceSet:
+    device: torch.device
+    backend: object
+    table: TensorTable
+    indices: list[int]  # positions of this set's tensors in the caller's list
+
+
+def result_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
+    """torch's promotion of the norms, except that 16-bit grads give a float32 norm."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def nan_max(values) -> float:
+    """max() that lets NaN win, like torch.amax."""
+    out = 0.0
+    for v in values:
+        if v != v:
+            return v
+        if v > out:
+            out = v
+    return out
+
+
+def root(total: float, p: float) -> float:
+    """The p-norm from a float64 sum of |x|**p (or max |x| for inf)."""
+    if p == 2.0:
+        return math.sqrt(total)
+    if p == 1.0 or p == math.inf:
+        return total
+    return total ** (1.0 / p)
+
+
+@dataclass
+class Plan:
+    sets: list[DeviceSet]
+    n_tensors: int
+    first_device: torch.device
+    dtype: torch.dtype
+
+    @classmethod
+    def build(cls, tensors: list[torch.Tensor]) -> Optional["Plan"]:
+        first = tensors[0].device
+        by_device: dict[torch.device, list[int]] = {}
+        for i, t in enumerate(tensors):
+            if t.dtype not in DTYPE_CODES:
+                return None
+            by_device.setdefault(t.device, []).append(i)
+        sets = []
+        for device, indices in by_device.items():
+            backend = _backend_for(device)
+            if backend is None:
+                return None
+            members = tensors if len(by_device) == 1 else [tensors[i] for i in indices]
+            sets.append(DeviceSet(device, backend, TensorTable.from_tensors(members), indices))
+        return cls(sets, len(tensors), first, result_dtype(tensors))
+
+    @property
+    def host_only(self) -> bool:
+        return all(s.device.type == "cpu" for s in self.sets)
+
+    def power_sums(self, p: float, count_nonfinite: bool = False) -> list:
+        """One read pass on each device; a list of each backend's ``PowerSums``."""
+        return [s.backend.power_sums(s.table, p, count_nonfinite) for s in self.sets]
+
+    def combine(self, totals: list, p: float) -> Union[float, torch.Tensor]:
+        """Sum (max for inf) of the devices' float64 totals: a float on the host, else a 0-d
+        float64 tensor on the first device (no host sync)."""
+        if all(isinstance(t, float) for t in totals):
+            return nan_max(totals) if p == math.inf else math.fsum(totals)
+        stacked = torch.stack([torch.as_tensor(t, dtype=torch.float64).to(self.first_device).reshape(())
+                               for t in totals])
+        return stacked.amax() if p == math.inf else stacked.sum()
+
+    def norm_from_total(self, total: Union[float, torch.Tensor], p: float) -> torch.Tensor:
+        if isinstance(total, float):
+            return torch.tensor(root(total, p), dtype=self.dtype, device=self.first_device)
+        if p == 2.0:
+            norm = total.sqrt()
+        elif p == 1.0 or p == math.inf:
+            norm = total
+        else:
+            norm = total.pow(1.0 / p)
+        return norm.to(self.dtype)
+
+    def total_norm(self, p: float, group=None, stats=None) -> torch.Tensor:
+        """The norm of every tensor of the plan, from one read pass on each device.
+
+        Args:
+            p: the validated norm type.
+            group: a ``torch.distributed`` process group: the float64 sum of powers is
+                all-reduced over it before the root is taken (see ``_distributed``).
+            stats: a ``ClipStats`` to fill from the same pass (see ``stats``).
+        """
+        results = self.power_sums(p, count_nonfinite=stats is not None)
+        total = self.combine([r.total for r in results], p)
+        if group is not None:
+            from fastclip._distributed import all_reduce_power_sum
+
+            total = all_reduce_power_sum(total, p, group, self.first_device)
+        norm = self.norm_from_total(total, p)
+        if stats is not None:
+            stats._record_pass(self, results, norm, p)
+        return norm
+
+    def scale_(self, coef: torch.Tensor) -> None:
+        """Multiply every tensor by the 0-d ``coef``; the backends skip the pass when coef >= 1."""
+        for s in self.sets:
+            if s.device.type == "cpu":
+                s.backend.scale_(s.table, coef.item())
+            else:
+                s.backend.scale_(s.table, coef.to(s.device, non_blocking=True))
+
+    def clamp_(self, bound: float) -> None:
+        for s in self.sets:
+            s.backend.clamp_(s.table, bound)

@@ -1,0 +1,132 @@
+"""Argument checks. Every check runs before any kernel, so a failed call changes no gradient.
+
+Messages name the function, the argument in backticks, what was expected and what was received.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import types
+import warnings
+from typing import Iterable, Union
+
+import torch
+
+TensorOrTensors = Union[torch.Tensor, Iterable[torch.Tensor]]
+
+_SUPPORTED_NORM_WORDS = ("inf", "+inf", "infinity", "+infinity")
+
+
+def _describe(value: object) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{text} of type {type(value).__name__}"
+
+
+def as_list(items: TensorOrTensors, fn: str, arg: str) -> list:
+    """``items`` as a list: one tensor becomes ``[tensor]``; iterables and generators are read once."""
+    if isinstance(items, torch.Tensor):
+        return [items]
+    if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+        raise TypeError(f"{fn}: `{arg}` must be a tensor or an iterable of tensors, got {_describe(items)}")
+    is_generator = isinstance(items, types.GeneratorType)
+    out = list(items)
+    if is_generator and not out:
+        warnings.warn(f"`{arg}` is an empty generator, no gradient clipping will occur.", stacklevel=4)
+    return out
+
+
+def grads_of(parameters: list, fn: str, arg: str = "parameters") -> list[torch.Tensor]:
+    """The non-None ``.grad`` of each parameter, each checked to be a dense tensor."""
+    grads = []
+    for i, p in enumerate(parameters):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{fn}: every element of `{arg}` must be a torch.Tensor, "
+                            f"got {_describe(p)} at index {i}")
+        g = p.grad
+        if g is not None:
+            grads.append(g)
+    check_tensors(grads, fn, f"{arg}[...].grad")
+    return grads
+
+
+def check_tensors(tensors: list, fn: str, arg: str) -> None:
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{fn}: every element of `{arg}` must be a torch.Tensor, "
+                            f"got {_describe(t)} at index {i}")
+        if t.layout != torch.strided:
+            raise ValueError(f"{fn}: `{arg}` holds a sparse (or other non-strided) tensor at index {i} "
+                             f"(layout {t.layout}); fastclip supports dense gradients only. "
+                             "Convert it with .to_dense(), or use torch.nn.utils for sparse grads.")
+        if not (t.is_floating_point() or t.is_complex()):
+            raise TypeError(f"{fn}: `{arg}` must hold floating-point tensors, got dtype {t.dtype} at index {i}")
+
+
+def check_max_norm(max_norm: object, fn: str, arg: str = "max_norm") -> Union[float, torch.Tensor]:
+    """A non-negative, non-NaN real number (inf allowed: nothing is clipped).
+
+    A 0-d tensor is kept as a tensor when it is not on the CPU, so that a threshold computed on
+    the GPU never forces a host sync; its value is then the caller's responsibility.
+    """
+    if isinstance(max_norm, torch.Tensor):
+        if max_norm.numel() != 1 or not (max_norm.is_floating_point() or max_norm.dtype in
+                                         (torch.int32, torch.int64)):
+            raise TypeError(f"{fn}: `{arg}` must be a real number or a one-element tensor, "
+                            f"got a tensor of shape {tuple(max_norm.shape)} and dtype {max_norm.dtype}")
+        if max_norm.device.type != "cpu":
+            return max_norm.reshape(())
+        max_norm = max_norm.item()
+    if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real):
+        raise TypeError(f"{fn}: `{arg}` must be a real number, got {_describe(max_norm)}")
+    value = float(max_norm)
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"{fn}: `{arg}` must be a non-negative number, got {value!r}")
+    return value
+
+
+def check_norm_type(norm_type: object, fn: str) -> float:
+    """p > 0 as a float: numbers, ``inf``, or the strings ``'inf'``/``'infinity'``."""
+    if isinstance(norm_type, str):
+        word = norm_type.strip().lower()
+        if word in _SUPPORTED_NORM_WORDS:
+            return math.inf
+        try:
+            value = float(word)
+        except ValueError:
+            raise ValueError(f"{fn}: `norm_type` must be a positive number or 'inf', "
+                             f"got the unknown word {norm_type!r}") from None
+    elif isinstance(norm_type, bool) or not isinstance(norm_type, numbers.Real):
+        raise TypeError(f"{fn}: `norm_type` must be a positive number or 'inf', got {_describe(norm_type)}")
+    else:
+        value = float(norm_type)
+    if math.isnan(value) or value <= 0:
+        raise ValueError(f"{fn}: `norm_type` must be a positive number or 'inf', got {value!r}")
+    return value
+
+
+def check_clip_value(clip_value: object, fn: str) -> float:
+    if isinstance(clip_value, torch.Tensor) and clip_value.numel() == 1:
+        clip_value = clip_value.item()
+    if isinstance(clip_value, bool) or not isinstance(clip_value, numbers.Real):
+        raise TypeError(f"{fn}: `clip_value` must be a real number, got {_describe(clip_value)}")
+    value = float(clip_value)
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"{fn}: `clip_value` must be a non-negative number, got {value!r}")
+    return value
+
+
+def check_flag(value: object, fn: str, arg: str, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, bool):
+        expected = "True, False or None" if allow_none else "True or False"
+        raise TypeError(f"{fn}: `{arg}` must be {expected}, got {_describe(value)}")
+
+
+def check_total_norm(total_norm: object, fn: str) -> torch.Tensor:
+    if not isinstance(total_norm, torch.Tensor) or total_norm.numel() != 1 or not total_norm.is_floating_point():
+        raise TypeError(f"{fn}: `total_norm` must be a one-element floating-point tensor, got {_describe(total_norm)}")
+    return total_norm.reshape(())

@@ -1,0 +1,220 @@
+"""The public, torch-compatible clipping functions.
+
+Each function validates every argument first (so a failed call changes no gradient), builds a
+``Plan`` once, and composes the plan's passes the way torch composes its own: norm, then
+coefficient, then scale. Inputs that fastclip has no kernel for (meta or other devices,
+complex dtypes) go to torch's own implementation, captured at import so that
+``fastclip.patch()`` cannot make the fallback call itself.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+import torch.nn.utils.clip_grad as _torch_clip
+
+from fastclip import _validate as V
+from fastclip._plan import Plan
+
+TORCH_GET_TOTAL_NORM = _torch_clip._get_total_norm
+TORCH_CLIP_GRADS_WITH_NORM = _torch_clip._clip_grads_with_norm_
+TORCH_CLIP_GRAD_NORM = _torch_clip.clip_grad_norm_
+TORCH_CLIP_GRAD_VALUE = _torch_clip.clip_grad_value_
+
+
+def _nonfinite_error(norm_type: float) -> RuntimeError:
+    return RuntimeError(
+        f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it "
+        "cannot be clipped. To disable this error and scale the gradients by the non-finite norm "
+        "anyway, set `error_if_nonfinite=False`")
+
+
+def _check_finite(norm: torch.Tensor, norm_type: float) -> None:
+    # The only host sync on a device: torch syncs here too, and only when asked to check.
+    if not bool(torch.isfinite(norm)):
+        raise _nonfinite_error(norm_type)
+
+
+def clip_coefficient(max_norm: Union[float, torch.Tensor], total_norm: torch.Tensor) -> torch.Tensor:
+    """torch's coefficient ``min(max_norm / (total_norm + 1e-6), 1)``, by torch's own ops.
+
+    Using the same tensor ops (in the norm's dtype, on its device) keeps the coefficient bit-for-bit
+    torch's, and never syncs with a device: the backends read it where it lives.
+    """
+    return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+
+
+@torch.no_grad()
+def get_total_norm(
+    tensors: V.TensorOrTensors,
+    norm_type: Union[float, str] = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: Optional[bool] = None,
+) -> torch.Tensor:
+    """The norm of all ``tensors``, as if they were concatenated into one vector.
+
+    Same signature and semantics as ``torch.nn.utils.get_total_norm``, computed in one fused read
+    pass with float64 accumulation.
+
+    Args:
+        tensors: a tensor, or an iterable of tensors.
+        norm_type: p > 0 of the p-norm; ``inf`` or ``'inf'`` for the max norm.
+        error_if_nonfinite: raise ``RuntimeError`` when the norm is NaN or inf.
+        foreach: accepted for compatibility with torch; fastclip's kernels are always fused.
+
+    Returns:
+        A 0-d tensor on the first tensor's device: float32 for 32- and 16-bit tensors, float64
+        when any tensor is float64. ``tensor(0.)`` for no tensors.
+
+    Example:
+        >>> import torch, fastclip
+        >>> fastclip.get_total_norm([torch.tensor([3.0]), torch.tensor([4.0])])
+        tensor(5.)
+    """
+    fn = "get_total_norm"
+    tensors = V.as_list(tensors, fn, "tensors")
+    V.check_tensors(tensors, fn, "tensors")
+    p = V.check_norm_type(norm_type, fn)
+    V.check_flag(error_if_nonfinite, fn, "error_if_nonfinite")
+    V.check_flag(foreach, fn, "foreach", allow_none=True)
+    if not tensors:
+        return torch.tensor(0.0)
+    plan = Plan.build(tensors)
+    if plan is None:
+        return TORCH_GET_TOTAL_NORM(tensors, p, error_if_nonfinite, foreach)
+    norm = plan.total_norm(p)
+    if error_if_nonfinite:
+        _check_finite(norm, p)
+    return norm
+
+
+@torch.no_grad()
+def clip_grads_with_norm_(
+    parameters: V.TensorOrTensors,
+    max_norm: Union[float, torch.Tensor],
+    total_norm: torch.Tensor,
+    foreach: Optional[bool] = None,
+) -> None:
+    """Scale the grads of ``parameters`` by ``min(max_norm / (total_norm + 1e-6), 1)`` in place.
+
+    Same signature and semantics as ``torch.nn.utils.clip_grads_with_norm_``. When the
+    coefficient is 1 nothing is written.
+
+    Args:
+        parameters: a tensor, or an iterable of tensors, whose ``.grad`` are scaled.
+        max_norm: the largest norm allowed.
+        total_norm: the grads' total norm, e.g. from ``get_total_norm``.
+        foreach: accepted for compatibility with torch.
+
+    Example:
+        >>> import torch, fastclip
+        >>> w = torch.zeros(2, requires_grad=True); w.grad = torch.tensor([3.0, 4.0])
+        >>> fastclip.clip_grads_with_norm_([w], 1.0, torch.tensor(5.0))
+        >>> w.grad
+        tensor([0.6000, 0.8000])
+    """
+    fn = "clip_grads_with_norm_"
+    parameters = V.as_list(parameters, fn, "parameters")
+    max_norm = V.check_max_norm(max_norm, fn)
+    total_norm = V.check_total_norm(total_norm, fn)
+    V.check_flag(foreach, fn, "foreach", allow_none=True)
+    grads = V.grads_of(parameters, fn)
+    if not grads:
+        return
+    plan = Plan.build(grads)
+    if plan is None:
+        TORCH_CLIP_GRADS_WITH_NORM(parameters, max_norm, total_norm, foreach)
+        return
+    plan.scale_(clip_coefficient(max_norm, total_norm))
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    parameters: V.TensorOrTensors,
+    max_norm: Union[float, torch.Tensor],
+    norm_type: Union[float, str] = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: Optional[bool] = None,
+) -> torch.Tensor:
+    """Clip the grads of ``parameters`` in place so that their total norm is at most ``max_norm``.
+
+    Same signature and semantics as ``torch.nn.utils.clip_grad_norm_``: one fused read pass for the
+    norm (float64 accumulation, exact to float rounding), and one fused write pass, skipped
+    entirely when nothing needs clipping.
+
+    Args:
+        parameters: a tensor, or an iterable of tensors, whose ``.grad`` are clipped; parameters
+            without a grad are skipped.
+        max_norm: the largest total norm allowed (>= 0).
+        norm_type: p > 0 of the p-norm; ``inf`` or ``'inf'`` for the max norm.
+        error_if_nonfinite: raise ``RuntimeError`` (before any grad is written) when the norm is
+            NaN or inf.
+        foreach: accepted for compatibility with torch; fastclip's kernels are always fused.
+
+    Returns:
+        The total norm of the grads before clipping, as a 0-d tensor (see ``get_total_norm``).
+
+    Example:
+        >>> import torch, fastclip
+        >>> w = torch.zeros(2, requires_grad=True); w.grad = torch.tensor([3.0, 4.0])
+        >>> fastclip.clip_grad_norm_([w], max_norm=1.0)
+        tensor(5.)
+        >>> w.grad
+        tensor([0.6000, 0.8000])
+    """
+    fn = "clip_grad_norm_"
+    parameters = V.as_list(parameters, fn, "parameters")
+    max_norm = V.check_max_norm(max_norm, fn)
+    p = V.check_norm_type(norm_type, fn)
+    V.check_flag(error_if_nonfinite, fn, "error_if_nonfinite")
+    V.check_flag(foreach, fn, "foreach", allow_none=True)
+    grads = V.grads_of(parameters, fn)
+    if not grads:
+        return torch.tensor(0.0)
+    plan = Plan.build(grads)
+    if plan is None:
+        return TORCH_CLIP_GRAD_NORM(parameters, max_norm, p, error_if_nonfinite, foreach)
+    norm = plan.total_norm(p)
+    if error_if_nonfinite:
+        _check_finite(norm, p)
+    plan.scale_(clip_coefficient(max_norm, norm))
+    return norm
+
+
+@torch.no_grad()
+def clip_grad_value_(
+    parameters: V.TensorOrTensors,
+    clip_value: float,
+    foreach: Optional[bool] = None,
+) -> None:
+    """Clamp the grads of ``parameters`` to ``[-clip_value, clip_value]`` in place.
+
+    Same signature and semantics as ``torch.nn.utils.clip_grad_value_``, in one fused pass that
+    stores only the elements that change.
+
+    Args:
+        parameters: a tensor, or an iterable of tensors, whose ``.grad`` are clamped.
+        clip_value: the largest absolute value allowed (>= 0).
+        foreach: accepted for compatibility with torch.
+
+    Example:
+        >>> import torch, fastclip
+        >>> w = torch.zeros(3, requires_grad=True); w.grad = torch.tensor([-2.0, 0.5, 3.0])
+        >>> fastclip.clip_grad_value_([w], 1.0)
+        >>> w.grad
+        tensor([-1.0000,  0.5000,  1.0000])
+    """
+    fn = "clip_grad_value_"
+    parameters = V.as_list(parameters, fn, "parameters")
+    clip_value = V.check_clip_value(clip_value, fn)
+    V.check_flag(foreach, fn, "foreach", allow_none=True)
+    grads = V.grads_of(parameters, fn)
+    if not grads:
+        return
+    plan = Plan.build(grads)
+    if plan is None:
+        TORCH_CLIP_GRAD_VALUE(parameters, clip_value, foreach)
+        return
+    plan.clamp_(clip_value)
