@@ -15,8 +15,10 @@ from typing import Optional, Union
 import torch
 import torch.nn.utils.clip_grad as _torch_clip
 
+from fastclip import _distributed
 from fastclip import _validate as V
 from fastclip._plan import Plan
+from fastclip.stats import ClipStats
 
 TORCH_GET_TOTAL_NORM = _torch_clip._get_total_norm
 TORCH_CLIP_GRADS_WITH_NORM = _torch_clip._clip_grads_with_norm_
@@ -52,6 +54,8 @@ def get_total_norm(
     norm_type: Union[float, str] = 2.0,
     error_if_nonfinite: bool = False,
     foreach: Optional[bool] = None,
+    *,
+    group=None,
 ) -> torch.Tensor:
     """The norm of all ``tensors``, as if they were concatenated into one vector.
 
@@ -63,6 +67,7 @@ def get_total_norm(
         norm_type: p > 0 of the p-norm; ``inf`` or ``'inf'`` for the max norm.
         error_if_nonfinite: raise ``RuntimeError`` when the norm is NaN or inf.
         foreach: accepted for compatibility with torch; fastclip's kernels are always fused.
+        group: keyword-only ``torch.distributed`` process group over which the norm is global.
 
     Returns:
         A 0-d tensor on the first tensor's device: float32 for 32- and 16-bit tensors, float64
@@ -79,12 +84,13 @@ def get_total_norm(
     p = V.check_norm_type(norm_type, fn)
     V.check_flag(error_if_nonfinite, fn, "error_if_nonfinite")
     V.check_flag(foreach, fn, "foreach", allow_none=True)
-    if not tensors:
+    tensors, group = _distributed.resolve(tensors, group, fn)
+    if not tensors and group is None:
         return torch.tensor(0.0)
     plan = Plan.build(tensors)
     if plan is None:
         return TORCH_GET_TOTAL_NORM(tensors, p, error_if_nonfinite, foreach)
-    norm = plan.total_norm(p)
+    norm = plan.total_norm(p, group=group)
     if error_if_nonfinite:
         _check_finite(norm, p)
     return norm
@@ -137,6 +143,9 @@ def clip_grad_norm_(
     norm_type: Union[float, str] = 2.0,
     error_if_nonfinite: bool = False,
     foreach: Optional[bool] = None,
+    *,
+    group=None,
+    stats: Optional[ClipStats] = None,
 ) -> torch.Tensor:
     """Clip the grads of ``parameters`` in place so that their total norm is at most ``max_norm``.
 
@@ -152,6 +161,9 @@ def clip_grad_norm_(
         error_if_nonfinite: raise ``RuntimeError`` (before any grad is written) when the norm is
             NaN or inf.
         foreach: accepted for compatibility with torch; fastclip's kernels are always fused.
+        group: keyword-only ``torch.distributed`` process group over which the norm is global
+            (sharded or tensor-parallel grads); DTensor grads are recognized without it.
+        stats: keyword-only ``ClipStats`` filled from the same pass (telemetry).
 
     Returns:
         The total norm of the grads before clipping, as a 0-d tensor (see ``get_total_norm``).
@@ -171,15 +183,19 @@ def clip_grad_norm_(
     V.check_flag(error_if_nonfinite, fn, "error_if_nonfinite")
     V.check_flag(foreach, fn, "foreach", allow_none=True)
     grads = V.grads_of(parameters, fn)
-    if not grads:
+    grads, group = _distributed.resolve(grads, group, fn)
+    if not grads and group is None:
         return torch.tensor(0.0)
     plan = Plan.build(grads)
     if plan is None:
         return TORCH_CLIP_GRAD_NORM(parameters, max_norm, p, error_if_nonfinite, foreach)
-    norm = plan.total_norm(p)
+    norm = plan.total_norm(p, group=group, stats=stats)
     if error_if_nonfinite:
         _check_finite(norm, p)
-    plan.scale_(clip_coefficient(max_norm, norm))
+    coef = clip_coefficient(max_norm, norm)
+    if stats is not None:
+        stats._record_coef(coef)
+    plan.scale_(coef)
     return norm
 
 
