@@ -12,6 +12,9 @@ from fastclip.clip_grad import (
     clip_grads_with_norm_,
     get_total_norm,
 )
+from fastclip.amp import unscale_and_clip_
+from fastclip.stats import ClipStats
+from fastclip.step import clip_and_step
 
 __version__ = "0.1.0"
 
@@ -20,4 +23,7 @@ __all__ = [
     "clip_grad_value_",
     "clip_grads_with_norm_",
     "get_total_norm",
+    "unscale_and_clip_",
+    "clip_and_step",
+    "ClipStats",
 ]

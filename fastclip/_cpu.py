@@ -16,9 +16,9 @@ import torch
 
 from fastclip._table import TensorTable
 from fastclip.kernels import cpu as K
-from fastclip.kernels.layout import build_chunk_table, norm_kind, NORM_INF
+from fastclip.kernels.layout import ChunkTable, build_chunk_table, norm_kind
 
-# Below this many elements one thread finishes before a thread pool would wake up.
+# Below this many elements one thread finishes before the others would have woken up.
 PARALLEL_MIN_ELEMENTS = 1 << 18
 
 # numba's workqueue threading layer aborts when entered from two threads at once
@@ -41,10 +41,7 @@ class PowerSums(NamedTuple):
 
 
 @contextlib.contextmanager
-def _numba_threads(parallel: bool) -> Iterator[None]:
-    if not parallel:
-        yield
-        return
+def _numba_threads() -> Iterator[None]:
     torch_threads = torch.get_num_threads()
     with _pool_lock:
         numba.set_num_threads(max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS)))
@@ -55,21 +52,36 @@ def _numba_threads(parallel: bool) -> Iterator[None]:
                 torch.set_num_threads(torch_threads)
 
 
-def _chunks(lengths: np.ndarray):
-    parallel = int(lengths.sum()) >= PARALLEL_MIN_ELEMENTS
-    n_groups = torch.get_num_threads() if parallel else 1
-    return build_chunk_table(lengths, n_groups=n_groups), parallel
+def _chunks(table: TensorTable, writable: bool = False) -> ChunkTable:
+    """The table's chunks, split into work groups; built once per table."""
+    key = ("cpu", writable and bool(table.strided))
+    cached = table.chunk_cache.get(key)
+    if cached is None:
+        lengths = table.writable_lengths() if key[1] else table.lengths
+        # Small sets run as one group on the calling thread (see kernels/cpu.py).
+        n_groups = torch.get_num_threads() if int(lengths.sum()) >= PARALLEL_MIN_ELEMENTS else 1
+        cached = table.chunk_cache[key] = build_chunk_table(lengths, n_groups=n_groups)
+    return cached
+
+
+def _launch(serial, parallel, table: TensorTable, chunks: ChunkTable, *args) -> None:
+    """Run one kernel over the table: on the thread pool when the chunks form several groups."""
+    operands = (table.addrs, table.codes, chunks.tensor, chunks.start, chunks.stop,
+                chunks.group_bounds, *args)
+    if chunks.group_bounds.shape[0] > 2:
+        with _numba_threads():
+            parallel(*operands)
+    else:
+        serial(*operands)
 
 
 def power_sums(table: TensorTable, p: float, count_nonfinite: bool = False) -> PowerSums:
     """One read pass over every tensor of ``table``: float64 sums of |x|**p, and their total."""
     kind = norm_kind(p)
-    chunks, parallel = _chunks(table.lengths)
+    chunks = _chunks(table)
     partials = np.empty(chunks.n_chunks, dtype=np.float64)
-    kernel = K.chunk_power_sums_parallel if parallel else K.chunk_power_sums_serial
-    with _numba_threads(parallel):
-        kernel(table.addrs, table.codes, chunks.tensor, chunks.start, chunks.stop,
-               chunks.group_bounds, kind, float(p), partials)
+    _launch(K.chunk_power_sums_serial, K.chunk_power_sums_parallel, table, chunks,
+            kind, float(p), partials)
     n = len(table.tensors)
     per_tensor = np.empty(n, dtype=np.float64)
     total = K.combine_partials(chunks.tensor, partials, kind, n, per_tensor)
@@ -89,24 +101,16 @@ def scale_(table: TensorTable, coef: float) -> None:
     """
     if coef >= 1.0:
         return
-    chunks, parallel = _chunks(table.writable_lengths())
-    kernel = K.scale_parallel if parallel else K.scale_serial
-    with _numba_threads(parallel):
-        kernel(table.addrs, table.codes, chunks.tensor, chunks.start, chunks.stop,
-               chunks.group_bounds, float(coef))
+    _launch(K.scale_serial, K.scale_parallel, table, _chunks(table, writable=True), float(coef))
     for i in table.strided:
         table.tensors[i].mul_(coef)
 
 
 def clamp_(table: TensorTable, bound: float) -> None:
     """Clamp every tensor of ``table`` to ``[-bound, bound]`` in place."""
-    chunks, parallel = _chunks(table.writable_lengths())
-    kernel = K.clamp_parallel if parallel else K.clamp_serial
-    with _numba_threads(parallel):
-        kernel(table.addrs, table.codes, chunks.tensor, chunks.start, chunks.stop,
-               chunks.group_bounds, float(bound))
+    _launch(K.clamp_serial, K.clamp_parallel, table, _chunks(table, writable=True), float(bound))
     for i in table.strided:
         table.tensors[i].clamp_(min=-bound, max=bound)
 
 
-__all__ = ["PowerSums", "power_sums", "scale_", "clamp_", "NORM_INF"]
+__all__ = ["PowerSums", "power_sums", "scale_", "clamp_"]

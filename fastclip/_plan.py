@@ -14,6 +14,7 @@ from typing import Optional, Union
 import torch
 
 from fastclip import _cpu
+from fastclip import _validate as V
 from fastclip._table import DTYPE_CODES, TensorTable
 
 
@@ -37,9 +38,9 @@ class DeviceSet:
     indices: list[int]  # positions of this set's tensors in the caller's list
 
 
-def result_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
+def result_dtype(dtypes: list[torch.dtype]) -> torch.dtype:
     """torch's promotion of the norms, except that 16-bit grads give a float32 norm."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def nan_max(values) -> float:
@@ -70,21 +71,44 @@ class Plan:
     dtype: torch.dtype
 
     @classmethod
-    def build(cls, tensors: list[torch.Tensor]) -> Optional["Plan"]:
-        first = tensors[0].device
-        by_device: dict[torch.device, list[int]] = {}
-        for i, t in enumerate(tensors):
-            if t.dtype not in DTYPE_CODES:
-                return None
-            by_device.setdefault(t.device, []).append(i)
-        sets = []
-        for device, indices in by_device.items():
-            backend = _backend_for(device)
-            if backend is None:
-                return None
-            members = tensors if len(by_device) == 1 else [tensors[i] for i in indices]
-            sets.append(DeviceSet(device, backend, TensorTable.from_tensors(members), indices))
-        return cls(sets, len(tensors), first, result_dtype(tensors))
+    def build(cls, tensors: list[torch.Tensor], fn: str, arg: str) -> Optional["Plan"]:
+        """Group ``tensors`` by device and build each device's table.
+
+        Returns None when torch should do the work (a device or dtype without a kernel). The
+        common case asks each tensor for four attributes; anything unexpected (a non-tensor,
+        a sparse or integer tensor) drops to ``check_tensors``, which names the problem.
+        """
+        if not tensors:  # a rank with no local grads still joins the all-reduce (it adds 0)
+            return cls([], 0, torch.device("cpu"), torch.float32)
+        try:
+            devices = [t.device for t in tensors]
+            dtypes = [t.dtype for t in tensors]
+            if not all([d in DTYPE_CODES for d in dtypes]):
+                V.check_tensors(tensors, fn, arg)
+                return None  # complex: no kernel
+            first = devices[0]
+            if devices.count(first) == len(devices):
+                groups = {first: None}
+            else:
+                groups = {}
+                for i, d in enumerate(devices):
+                    groups.setdefault(d, []).append(i)
+            sets = []
+            for device, indices in groups.items():
+                backend = _backend_for(device)
+                if backend is None:
+                    return None
+                if indices is None:
+                    table = TensorTable.from_tensors(tensors, dtypes)
+                    indices = list(range(len(tensors)))
+                else:
+                    table = TensorTable.from_tensors([tensors[i] for i in indices],
+                                                     [dtypes[i] for i in indices])
+                sets.append(DeviceSet(device, backend, table, indices))
+        except (AttributeError, RuntimeError, NotImplementedError, TypeError):
+            V.check_tensors(tensors, fn, arg)  # raises the precise error
+            raise
+        return cls(sets, len(tensors), first, result_dtype(dtypes))
 
     @property
     def host_only(self) -> bool:
@@ -128,7 +152,7 @@ class Plan:
         if group is not None:
             from fastclip._distributed import all_reduce_power_sum
 
-            total = all_reduce_power_sum(total, p, group, self.first_device)
+            total = all_reduce_power_sum(total, p, group, self.first_device, self, results)
         norm = self.norm_from_total(total, p)
         if stats is not None:
             stats._record_pass(self, results, norm, p)

@@ -2,6 +2,8 @@
 
 The table holds raw addresses, so it is only valid while the tensors are alive and unmoved;
 it is rebuilt on every call because ``zero_grad(set_to_none=True)`` reallocates grads.
+Building it is the only per-tensor Python work of a call, so it asks each tensor for as little
+as it can, one attribute per list comprehension (~0.1 us per tensor and attribute).
 """
 
 from __future__ import annotations
@@ -57,27 +59,36 @@ class TensorTable:
     codes: np.ndarray
     strided: list[int] = field(default_factory=list)
     copies: list[torch.Tensor] = field(default_factory=list)
+    # Chunk tables by backend key, so that the norm pass and the scale pass of one call
+    # split the work once.
+    chunk_cache: dict = field(default_factory=dict)
 
     @property
     def numel(self) -> int:
         return int(self.lengths.sum())
 
     @classmethod
-    def from_tensors(cls, tensors: list[torch.Tensor]) -> "TensorTable":
-        n = len(tensors)
-        addrs = np.empty(n, dtype=np.int64)
-        lengths = np.empty(n, dtype=np.int64)
-        codes = np.empty(n, dtype=np.int64)
-        strided: list[int] = []
-        copies: list[torch.Tensor] = []
-        for i, t in enumerate(tensors):
-            if not is_dense(t):
-                strided.append(i)
-                t = t.contiguous()
-                copies.append(t)
-            addrs[i] = t.data_ptr()
-            lengths[i] = t.numel()
-            codes[i] = DTYPE_CODES[t.dtype]
+    def from_tensors(cls, tensors: list[torch.Tensor], dtypes: list[torch.dtype]) -> "TensorTable":
+        """Build the table. ``dtypes`` are the tensors' dtypes, all with a kernel (DTYPE_CODES)."""
+        if all([t.is_contiguous() for t in tensors]):
+            views = tensors
+            strided: list[int] = []
+            copies: list[torch.Tensor] = []
+        else:
+            views, strided, copies = [], [], []
+            for i, t in enumerate(tensors):
+                if not is_dense(t):
+                    strided.append(i)
+                    t = t.contiguous()
+                    copies.append(t)
+                views.append(t)
+        addrs = np.array([t.data_ptr() for t in views], dtype=np.int64)
+        lengths = np.array([t.numel() for t in views], dtype=np.int64)
+        first = dtypes[0]
+        if dtypes.count(first) == len(dtypes):
+            codes = np.full(len(views), DTYPE_CODES[first], dtype=np.int64)
+        else:
+            codes = np.array([DTYPE_CODES[d] for d in dtypes], dtype=np.int64)
         return cls(tensors, addrs, lengths, codes, strided, copies)
 
     def writable_lengths(self) -> np.ndarray:

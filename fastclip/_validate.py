@@ -39,17 +39,15 @@ def as_list(items: TensorOrTensors, fn: str, arg: str) -> list:
 
 
 def grads_of(parameters: list, fn: str, arg: str = "parameters") -> list[torch.Tensor]:
-    """The non-None ``.grad`` of each parameter, each checked to be a dense tensor."""
-    grads = []
-    for i, p in enumerate(parameters):
-        if not isinstance(p, torch.Tensor):
-            raise TypeError(f"{fn}: every element of `{arg}` must be a torch.Tensor, "
-                            f"got {_describe(p)} at index {i}")
-        g = p.grad
-        if g is not None:
-            grads.append(g)
-    check_tensors(grads, fn, f"{arg}[...].grad")
-    return grads
+    """The non-None ``.grad`` of each parameter (validated when the plan is built)."""
+    try:
+        return [g for p in parameters if (g := p.grad) is not None]
+    except AttributeError:
+        for i, p in enumerate(parameters):
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"{fn}: every element of `{arg}` must be a torch.Tensor, "
+                                f"got {_describe(p)} at index {i}") from None
+        raise
 
 
 def check_tensors(tensors: list, fn: str, arg: str) -> None:

@@ -80,15 +80,15 @@ def get_total_norm(
     """
     fn = "get_total_norm"
     tensors = V.as_list(tensors, fn, "tensors")
-    V.check_tensors(tensors, fn, "tensors")
     p = V.check_norm_type(norm_type, fn)
     V.check_flag(error_if_nonfinite, fn, "error_if_nonfinite")
     V.check_flag(foreach, fn, "foreach", allow_none=True)
     tensors, group = _distributed.resolve(tensors, group, fn)
     if not tensors and group is None:
         return torch.tensor(0.0)
-    plan = Plan.build(tensors)
+    plan = Plan.build(tensors, fn, "tensors")
     if plan is None:
+        _distributed.require_kernel(group, fn)
         return TORCH_GET_TOTAL_NORM(tensors, p, error_if_nonfinite, foreach)
     norm = plan.total_norm(p, group=group)
     if error_if_nonfinite:
@@ -126,10 +126,10 @@ def clip_grads_with_norm_(
     max_norm = V.check_max_norm(max_norm, fn)
     total_norm = V.check_total_norm(total_norm, fn)
     V.check_flag(foreach, fn, "foreach", allow_none=True)
-    grads = V.grads_of(parameters, fn)
+    grads = _distributed.local_shards(V.grads_of(parameters, fn), fn)
     if not grads:
         return
-    plan = Plan.build(grads)
+    plan = Plan.build(grads, fn, "parameters")
     if plan is None:
         TORCH_CLIP_GRADS_WITH_NORM(parameters, max_norm, total_norm, foreach)
         return
@@ -186,8 +186,9 @@ def clip_grad_norm_(
     grads, group = _distributed.resolve(grads, group, fn)
     if not grads and group is None:
         return torch.tensor(0.0)
-    plan = Plan.build(grads)
+    plan = Plan.build(grads, fn, "parameters")
     if plan is None:
+        _distributed.require_kernel(group, fn)
         return TORCH_CLIP_GRAD_NORM(parameters, max_norm, p, error_if_nonfinite, foreach)
     norm = plan.total_norm(p, group=group, stats=stats)
     if error_if_nonfinite:
@@ -226,10 +227,10 @@ def clip_grad_value_(
     parameters = V.as_list(parameters, fn, "parameters")
     clip_value = V.check_clip_value(clip_value, fn)
     V.check_flag(foreach, fn, "foreach", allow_none=True)
-    grads = V.grads_of(parameters, fn)
+    grads = _distributed.local_shards(V.grads_of(parameters, fn), fn, linear=False)
     if not grads:
         return
-    plan = Plan.build(grads)
+    plan = Plan.build(grads, fn, "parameters")
     if plan is None:
         TORCH_CLIP_GRAD_VALUE(parameters, clip_value, foreach)
         return

@@ -305,35 +305,71 @@ def _clamp_chunk(addr, code, start, stop, bound):
 # --- the multi-tensor kernels: one parallel loop over balanced groups of chunks -----------------
 
 
-def _power_sums_body(addrs, codes, chunk_tensor, chunk_start, chunk_stop, group_bounds, kind, p, out):
+@njit(**_JIT)
+def _power_sums_run(addrs, codes, chunk_tensor, chunk_start, chunk_stop, first, last, kind, p, out):
+    for c in range(first, last):
+        t = chunk_tensor[c]
+        out[c] = _chunk_power_sum(addrs[t], codes[t], chunk_start[c], chunk_stop[c], kind, p)
+
+
+@njit(**_JIT)
+def _scale_run(addrs, codes, chunk_tensor, chunk_start, chunk_stop, first, last, coef):
+    for c in range(first, last):
+        t = chunk_tensor[c]
+        _scale_chunk(addrs[t], codes[t], chunk_start[c], chunk_stop[c], coef)
+
+
+@njit(**_JIT)
+def _clamp_run(addrs, codes, chunk_tensor, chunk_start, chunk_stop, first, last, bound):
+    for c in range(first, last):
+        t = chunk_tensor[c]
+        _clamp_chunk(addrs[t], codes[t], chunk_start[c], chunk_stop[c], bound)
+
+
+# Each operation runs either over all chunks on the calling thread (small sets: waking the
+# thread pool costs more than the work, and a busy machine makes that wake-up slow), or as one
+# parallel loop over the chunk table's balanced groups. Partials land in ``out[c]`` either way,
+# so the two give bitwise-identical results.
+
+
+@njit(**_JIT)
+def chunk_power_sums_serial(addrs, codes, chunk_tensor, chunk_start, chunk_stop, group_bounds, kind, p, out):
+    """``out[c]`` = float64 sum of |x|**p (max |x| for inf) over chunk ``c``."""
+    _power_sums_run(addrs, codes, chunk_tensor, chunk_start, chunk_stop, 0, chunk_tensor.shape[0],
+                    kind, p, out)
+
+
+@njit(parallel=True, **_JIT)
+def chunk_power_sums_parallel(addrs, codes, chunk_tensor, chunk_start, chunk_stop, group_bounds, kind, p, out):
     for g in prange(group_bounds.shape[0] - 1):
-        for c in range(group_bounds[g], group_bounds[g + 1]):
-            t = chunk_tensor[c]
-            out[c] = _chunk_power_sum(addrs[t], codes[t], chunk_start[c], chunk_stop[c], kind, p)
+        _power_sums_run(addrs, codes, chunk_tensor, chunk_start, chunk_stop, group_bounds[g],
+                        group_bounds[g + 1], kind, p, out)
 
 
-def _scale_body(addrs, codes, chunk_tensor, chunk_start, chunk_stop, group_bounds, coef):
+@njit(**_JIT)
+def scale_serial(addrs, codes, chunk_tensor, chunk_start, chunk_stop, group_bounds, coef):
+    """Multiply every chunk by ``coef`` in place."""
+    _scale_run(addrs, codes, chunk_tensor, chunk_start, chunk_stop, 0, chunk_tensor.shape[0], coef)
+
+
+@njit(parallel=True, **_JIT)
+def scale_parallel(addrs, codes, chunk_tensor, chunk_start, chunk_stop, group_bounds, coef):
     for g in prange(group_bounds.shape[0] - 1):
-        for c in range(group_bounds[g], group_bounds[g + 1]):
-            t = chunk_tensor[c]
-            _scale_chunk(addrs[t], codes[t], chunk_start[c], chunk_stop[c], coef)
+        _scale_run(addrs, codes, chunk_tensor, chunk_start, chunk_stop, group_bounds[g],
+                   group_bounds[g + 1], coef)
 
 
-def _clamp_body(addrs, codes, chunk_tensor, chunk_start, chunk_stop, group_bounds, bound):
+@njit(**_JIT)
+def clamp_serial(addrs, codes, chunk_tensor, chunk_start, chunk_stop, group_bounds, bound):
+    """Clamp every chunk to ``[-bound, bound]`` in place."""
+    _clamp_run(addrs, codes, chunk_tensor, chunk_start, chunk_stop, 0, chunk_tensor.shape[0], bound)
+
+
+@njit(parallel=True, **_JIT)
+def clamp_parallel(addrs, codes, chunk_tensor, chunk_start, chunk_stop, group_bounds, bound):
     for g in prange(group_bounds.shape[0] - 1):
-        for c in range(group_bounds[g], group_bounds[g + 1]):
-            t = chunk_tensor[c]
-            _clamp_chunk(addrs[t], codes[t], chunk_start[c], chunk_stop[c], bound)
-
-
-# Each kernel comes twice from one body: threaded, and serial for small sets, where waking the
-# thread pool costs more than the work.
-chunk_power_sums_parallel = njit(parallel=True, **_JIT)(_power_sums_body)
-chunk_power_sums_serial = njit(**_JIT)(_power_sums_body)
-scale_parallel = njit(parallel=True, **_JIT)(_scale_body)
-scale_serial = njit(**_JIT)(_scale_body)
-clamp_parallel = njit(parallel=True, **_JIT)(_clamp_body)
-clamp_serial = njit(**_JIT)(_clamp_body)
+        _clamp_run(addrs, codes, chunk_tensor, chunk_start, chunk_stop, group_bounds[g],
+                   group_bounds[g + 1], bound)
 
 
 @njit(**_JIT)

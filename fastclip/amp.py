@@ -1,0 +1,204 @@
+"""Fused AMP unscale + clip: ``scaler.unscale_(optimizer); clip_grad_norm_(...)`` in two passes.
+
+torch's sequence reads the grads three times and writes them twice (unscale, norm, clip). Here
+one read pass gives the float64 power sum of the *scaled* grads, from which come both the
+inf/NaN check (a non-finite sum) and the unscaled norm (root of the sum, times ``1/scale``);
+one read+write pass then multiplies every grad by ``(1/scale) * coef``.
+
+The found-inf flags go into the ``GradScaler`` exactly where ``scaler.unscale_`` puts them, so
+``scaler.step`` and ``scaler.update`` behave as after torch's sequence. On a GPU nothing is read
+back to the host: the scale, flags, norm and coefficient stay 0-d device tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import torch
+from torch.amp.grad_scaler import GradScaler, OptState
+
+from fastclip import _validate as V
+from fastclip._plan import Plan, root
+from fastclip.clip_grad import clip_coefficient, clip_grad_norm_
+
+_FN = "unscale_and_clip_"
+_GRADS_ARG = "optimizer.param_groups"
+
+
+def check_optimizer(optimizer: object, fn: str) -> None:
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"{fn}: `optimizer` must be a torch.optim.Optimizer, got {V._describe(optimizer)}")
+
+
+def check_scaler(scaler: object, fn: str) -> None:
+    if not isinstance(scaler, GradScaler):
+        raise TypeError(f"{fn}: `scaler` must be a torch.amp.GradScaler, got {V._describe(scaler)}")
+
+
+def optimizer_params(optimizer: torch.optim.Optimizer) -> list:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def scaler_state(scaler: GradScaler, optimizer: torch.optim.Optimizer, fn: str) -> dict:
+    """The scaler's record for ``optimizer``, after the checks ``scaler.unscale_`` makes."""
+    if scaler._scale is None:
+        raise RuntimeError(f"{fn}: `scaler` has no scale yet: call `scaler.scale(loss).backward()` "
+                           "in this iteration before unscaling the grads")
+    stage = scaler._per_optimizer_states[id(optimizer)]["stage"]
+    if stage is OptState.UNSCALED:
+        raise RuntimeError(f"{fn}: unscale_() has already been called on this optimizer since the "
+                           "last update() (by `scaler.unscale_` or fastclip); unscale once per step")
+    if stage is OptState.STEPPED:
+        raise RuntimeError(f"{fn}: unscale_() is being called after step(): call `scaler.update()` "
+                           "to start the next iteration first")
+    return scaler._per_optimizer_states[id(optimizer)]
+
+
+def check_no_fp16(grads: list, fn: str) -> None:
+    """GradScaler refuses to unscale float16 grads (fp16 master weights); so do we."""
+    for i, g in enumerate(grads):
+        if g.dtype == torch.float16:
+            raise ValueError(f"{fn}: `optimizer` holds a float16 gradient (grad {i} of its parameters "
+                             "that have one); torch's GradScaler refuses to unscale float16 grads "
+                             "('Attempting to unscale FP16 gradients.'). Keep float32 parameters and "
+                             "run the forward pass under torch.autocast")
+
+
+def inv_scale_of(scaler: GradScaler) -> torch.Tensor:
+    """``1/scale`` exactly as ``GradScaler.unscale_`` computes it (float64 reciprocal, float32)."""
+    return scaler._scale.double().reciprocal().float()
+
+
+def found_inf_of(device_set, result) -> torch.Tensor:
+    """torch's per-device flag: float32 0-d, 1.0 when the device's grads hold inf or NaN.
+
+    A sum of |x|**p is non-finite exactly when an element is, unless it overflows float64
+    (float64 grads above ~1e154, or a large p): that counts as an overflow too.
+    """
+    total = result.total
+    if isinstance(total, float):
+        return torch.full((), 0.0 if math.isfinite(total) else 1.0, dtype=torch.float32,
+                          device=device_set.device)
+    total = torch.as_tensor(total).reshape(()).to(device_set.device, non_blocking=True)
+    return torch.logical_not(torch.isfinite(total)).to(torch.float32)
+
+
+def _tensor_root(total: torch.Tensor, p: float) -> torch.Tensor:
+    if p == 2.0:
+        return total.sqrt()
+    if p == 1.0 or p == math.inf:
+        return total
+    return total.pow(1.0 / p)
+
+
+def scaled_pass(plan: Plan, p: float, inv_scale: torch.Tensor):
+    """The read pass over scaled grads: (unscaled norm, found-inf flag per device).
+
+    The norm of the unscaled grads is the scaled norm times ``inv_scale``, computed in float64 from
+    the float64 power sum, then rounded once to the norm's dtype. With a power-of-two scale (the
+    GradScaler's usual case) it equals the norm of the unscaled grads bit for bit.
+    """
+    results = plan.power_sums(p)
+    found = {s.device: found_inf_of(s, r) for s, r in zip(plan.sets, results)}
+    total = plan.combine([r.total for r in results], p)
+    if isinstance(total, float) and inv_scale.device.type == "cpu":
+        norm = torch.tensor(root(total, p) * float(inv_scale), dtype=plan.dtype, device=plan.first_device)
+    else:  # on a device: tensor ops only, so nothing is read back to the host
+        total = torch.as_tensor(total, dtype=torch.float64).to(plan.first_device, non_blocking=True)
+        inv = inv_scale.to(plan.first_device, non_blocking=True).double()
+        norm = (_tensor_root(total, p) * inv).to(plan.dtype)
+    return norm, found
+
+
+def scale_grads_(plan: Plan, factor: torch.Tensor) -> None:
+    """Multiply every grad by the 0-d ``factor`` in one read+write pass, whatever its value.
+
+    The backends skip coefficients >= 1 (they are clip coefficients); here ``factor`` exceeds 1
+    when a GradScaler's scale has fallen below 1, and must still be applied. On the host that is
+    known for free; on a device it is not without a sync, so torch's multi-tensor multiply, which
+    applies any factor in one pass, does the write there.
+    """
+    for s in plan.sets:
+        if s.device.type == "cpu":
+            f = float(factor)  # a CPU tensor: no sync
+            if f > 1.0:
+                torch._foreach_mul_(s.table.tensors, f)
+            else:
+                s.backend.scale_(s.table, f)
+        else:
+            torch._foreach_mul_(s.table.tensors, factor.to(s.device, non_blocking=True))
+
+
+@torch.no_grad()
+def unscale_and_clip_(
+    scaler: GradScaler,
+    optimizer: torch.optim.Optimizer,
+    max_norm: Union[float, torch.Tensor],
+    norm_type: Union[float, str] = 2.0,
+) -> torch.Tensor:
+    """``scaler.unscale_(optimizer)`` then ``clip_grad_norm_`` of its params, in two fused passes.
+
+    One read pass computes the norm of the unscaled grads (float64 accumulation) and detects
+    inf/NaN; one read+write pass multiplies every grad by ``(1/scale) * coef``, with torch's
+    coefficient ``min(max_norm / (norm + 1e-6), 1)``. The scaler records the found-inf flags and
+    the ``UNSCALED`` stage exactly as ``scaler.unscale_`` does, so ``scaler.step(optimizer)``
+    skips the step on inf/NaN, ``scaler.update()`` backs off, and a second unscale before
+    ``update()`` raises. No host sync on a GPU.
+
+    With a power-of-two scale (GradScaler's default growth and backoff) the grads and the norm
+    are bit-identical to ``scaler.unscale_(optimizer); fastclip.clip_grad_norm_(params, ...)``.
+
+    On inf/NaN the step will be skipped, and the grads get what torch's sequence gives them: the
+    norm is inf or NaN, so the coefficient is 0 (finite elements become 0, non-finite ones NaN)
+    or NaN (everything becomes NaN).
+
+    Args:
+        scaler: the ``torch.amp.GradScaler`` that scaled this iteration's loss. A disabled scaler
+            makes this a plain ``clip_grad_norm_``.
+        optimizer: its parameters' grads (all parameter groups) are unscaled and clipped.
+        max_norm: the largest total norm allowed for the unscaled grads (>= 0).
+        norm_type: p > 0 of the p-norm; ``inf`` or ``'inf'`` for the max norm.
+
+    Returns:
+        The total norm of the unscaled grads before clipping, a 0-d tensor on the first grad's
+        device (float32, or float64 when a grad is float64); inf or NaN on overflow.
+
+    Raises:
+        RuntimeError: the scaler has no scale yet, or this optimizer was already unscaled (or
+            stepped) since the last ``scaler.update()``.
+        ValueError: a grad is float16 (GradScaler refuses to unscale those).
+
+    Example:
+        >>> import torch, fastclip
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> scaler = torch.amp.GradScaler("cpu")
+        >>> scaler.scale(model(torch.randn(8, 4)).sum()).backward()
+        >>> norm = fastclip.unscale_and_clip_(scaler, opt, max_norm=1.0)
+        >>> scaler.step(opt); scaler.update()
+    """
+    check_scaler(scaler, _FN)
+    check_optimizer(optimizer, _FN)
+    max_norm = V.check_max_norm(max_norm, _FN)
+    p = V.check_norm_type(norm_type, _FN)
+    params = optimizer_params(optimizer)
+    if not scaler.is_enabled():
+        return clip_grad_norm_(params, max_norm, p)
+    state = scaler_state(scaler, optimizer, _FN)
+    grads = V.grads_of(params, _FN, _GRADS_ARG)
+    plan = Plan.build(grads, _FN, _GRADS_ARG) if grads else None
+    check_no_fp16(grads, _FN)
+    if plan is None:  # no grads, or a device/dtype without a kernel: torch's own sequence
+        scaler.unscale_(optimizer)
+        return clip_grad_norm_(params, max_norm, p)
+    inv_scale = inv_scale_of(scaler)
+    norm, found = scaled_pass(plan, p, inv_scale)
+    coef = clip_coefficient(max_norm, norm)
+    scale_grads_(plan, inv_scale.to(coef.device, coef.dtype, non_blocking=True) * coef)
+    state["found_inf_per_device"] = found
+    state["stage"] = OptState.UNSCALED
+    return norm
+
+
+__all__ = ["unscale_and_clip_"]

@@ -1,0 +1,179 @@
+"""Turn results into the text table, the JSON file and the PNG chart."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+from typing import Optional, Sequence
+
+import numba
+import numpy as np
+import torch
+
+import fastclip
+from fastclip.bench import cases as C
+from fastclip.bench.coldstart import ColdStart
+from fastclip.bench.runner import BYTES_NOTE, SetResult
+
+_LABEL = {m.name: m.label for m in C.METHODS.values()}
+
+
+def machine() -> dict:
+    """What the figures were measured on."""
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numba": numba.__version__,
+        "numpy": np.__version__,
+        "fastclip": fastclip.__version__,
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        if names:
+            info["cpu_model"] = names[0]
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _fmt(x: float, spec: str, blank: str = "") -> str:
+    return blank if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def _row_name(r) -> str:
+    if r.kind == "step":
+        return f"{r.step:<13}{r.label}"
+    if r.kind == "norm-pass":
+        return f"{'norm pass':<13}{_LABEL[r.method]}"
+    return f"{'baseline':<13}{r.label}"
+
+
+def set_table(res: SetResult, repeat: int, warmup: int) -> str:
+    """The per-set table, with its header and the norm check."""
+    lines = [
+        f"== {res.name}: {res.n_tensors:,} tensors, {res.numel:,} {res.dtype} values "
+        f"({res.nbytes / 1e6:,.1f} MB) on {res.device}; fastclip backend: {res.fastclip_backend}",
+        f"   exact norm {res.reference_norm:.9g}; max_norm = {C.STEPS['clipping'].factor:g} x norm "
+        f"(clipping), {C.STEPS['non-clipping'].factor:g} x norm (non-clipping); median of {repeat} "
+        f"calls after {warmup} warm-up",
+        f"{'operation':<34}{'median ms':>10}{'x foreach':>11}{'x loop':>9}{'GB/s':>8}{'% read':>8}{'% copy':>8}",
+    ]
+    for r in res.rows:
+        lines.append(
+            f"{_row_name(r):<34}{r.median_s * 1e3:>10.3f}"
+            f"{_fmt(r.speedup.get('torch-foreach'), '.2f'):>11}{_fmt(r.speedup.get('torch-loop'), '.2f'):>9}"
+            f"{r.gbps:>8.1f}{r.share_read:>8.0%}{r.share_copy:>8.0%}")
+    lines.append(norm_line(res))
+    return "\n".join(lines)
+
+
+def norm_line(res: SetResult) -> str:
+    """One line saying whether every run's norm matches the exact reference."""
+    bad = [c for c in res.checks if not c.ok]
+    if bad:
+        detail = "; ".join(f"{_LABEL[c.method]} ({c.step}): {c.norm:.9g}, rel error {c.rel_error:.1e} > "
+                           f"allowed {c.rtol:.1e}" for c in bad)
+        return f"   norms DISAGREE with the exact reference {res.reference_norm:.9g}: {detail}"
+    parts = []
+    for method in dict.fromkeys(c.method for c in res.checks):
+        mine = [c for c in res.checks if c.method == method]
+        worst = max(c.rel_error for c in mine)
+        parts.append(f"{_LABEL[method]} {worst:.1e} (allowed {mine[0].rtol:.1e})")
+    return "   norms agree with the exact float64 reference, largest relative error: " + ", ".join(parts)
+
+
+def summary_table(results: Sequence[SetResult]) -> str:
+    """fastclip's speedups, one line per (set, step), and its norm pass against the read loop."""
+    lines = ["summary: fastclip speedup = torch median / fastclip median (same run)",
+             f"{'set':<22}{'step':<14}{'x foreach':>10}{'x loop':>8}{'fastclip GB/s':>15}"]
+    for res in results:
+        for step in C.STEPS:
+            r = res.row(C.BASELINE, step)
+            if r is None:
+                continue
+            lines.append(f"{res.name:<22}{step:<14}{_fmt(r.speedup.get('torch-foreach'), '.2f'):>10}"
+                         f"{_fmt(r.speedup.get('torch-loop'), '.2f'):>8}{r.gbps:>15.1f}")
+        norm = res.row(C.BASELINE)
+        read = next(r for r in res.rows if r.kind == "read-loop")
+        if norm is not None:
+            lines.append(f"{res.name:<22}{'norm pass':<14}{'':>18}{norm.gbps:>15.1f}"
+                         f"   = {norm.share_read:.0%} of the read loop's {read.gbps:.1f} GB/s")
+    return "\n".join(lines)
+
+
+def cold_start_line(cs: ColdStart) -> str:
+    verdict = "met" if cs.met else "NOT met"
+    return (f"cold start (fresh process, warm numba cache, median of {len(cs.runs)}): import torch "
+            f"{cs.import_torch_s:.2f} s; import fastclip + first clip adds {cs.fastclip_s:.3f} s "
+            f"(target < {cs.target_s:g} s: {verdict})")
+
+
+def header(args: dict) -> str:
+    m = machine()
+    cpu = m.get("cpu_model", m["processor"])
+    return (f"fastclip-bench {fastclip.__version__}: torch {m['torch']}, numba {m['numba']}, {cpu}, "
+            f"{m['cpu_count']} CPUs, {m['torch_threads']} torch threads"
+            + (f", {m['gpu']}" if "gpu" in m else "") + f"\n{BYTES_NOTE}\n"
+            "read loop: every grad byte summed as uint64 words (numba, parallel) on CPU; copy: torch "
+            "copy_ of the saved grads into the grads (the restore done outside the timings)")
+
+
+def to_json(results: Sequence[SetResult], cold: Optional[ColdStart], config: dict) -> dict:
+    return {
+        "fastclip_bench": 1,
+        "machine": machine(),
+        "config": config,
+        "bytes_note": BYTES_NOTE,
+        "sets": [r.to_dict() for r in results],
+        "norms_agree": all(r.norms_agree for r in results),
+        "cold_start": cold.to_dict() if cold is not None else None,
+    }
+
+
+def write_json(path: str, data: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2, allow_nan=True)
+        f.write("\n")
+
+
+def plot(path: str, results: Sequence[SetResult], title: str = "") -> None:
+    """A PNG bar chart: speedup over torch foreach=True per set, one panel per step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [s for s in C.STEPS if any(r.row(C.BASELINE, s) or r.row("torch-foreach", s) for r in results)]
+    methods = [m for m in C.METHODS if any(r.row(m, s) for r in results for s in steps)]
+    fig, axes = plt.subplots(1, len(steps), figsize=(1.2 + 2.2 * len(results) * len(steps), 4.2),
+                             squeeze=False)
+    width = 0.8 / max(len(methods), 1)
+    for ax, step in zip(axes[0], steps):
+        x = np.arange(len(results))
+        for i, m in enumerate(methods):
+            values = []
+            for res in results:
+                r = res.row(m, step)
+                ref = res.row("torch-foreach", step)
+                values.append(ref.median_s / r.median_s if r is not None and ref is not None else 0.0)
+            bars = ax.bar(x + (i - (len(methods) - 1) / 2) * width, values, width, label=_LABEL[m])
+            ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_xticks(x, [r.name for r in results], rotation=15)
+        ax.set_title(f"{step} step")
+        ax.set_ylabel("speedup over torch foreach=True")
+    axes[0][0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

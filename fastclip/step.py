@@ -1,0 +1,175 @@
+"""Clip and step: one read pass for clipping, folded into a fused optimizer's own step.
+
+torch's fused optimizers (``Adam``, ``AdamW``, ``SGD``, ``Adagrad`` with ``fused=True``) divide
+each grad by ``optimizer.grad_scale`` and skip the update when ``optimizer.found_inf`` is 1: the
+mechanism ``GradScaler.step`` uses to unscale inside the step. Clipping by ``coef`` is a division
+by ``1/coef``, so after the norm's read pass the coefficient (times the AMP scale) rides on that
+mechanism, and fastclip never writes the grads. Other optimizers get clip, then step.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Optional, Union
+
+import torch
+from torch.amp.grad_scaler import GradScaler, OptState
+
+from fastclip import _validate as V
+from fastclip._plan import Plan
+from fastclip.amp import (check_no_fp16, check_optimizer, check_scaler, inv_scale_of, optimizer_params,
+                          scaled_pass, unscale_and_clip_)
+from fastclip.clip_grad import clip_coefficient, clip_grad_norm_
+
+_FN = "clip_and_step"
+_GRADS_ARG = "optimizer.param_groups"
+_STEP_ATTRS = ("grad_scale", "found_inf")
+
+# Steps known to read `grad_scale`/`found_inf` when every group is fused. Compared unwrapped:
+# torch wraps `step` with its profiling hook per class (AdamW inherits Adam's step).
+_FUSED_STEPS = tuple(inspect.unwrap(cls.step) for cls in
+                     (torch.optim.Adam, torch.optim.SGD, torch.optim.Adagrad))
+
+
+def reads_grad_scale(optimizer: torch.optim.Optimizer) -> bool:
+    """True for a torch fused optimizer whose step divides by ``grad_scale``: every group fused."""
+    return (getattr(optimizer, "_step_supports_amp_scaling", False)
+            and inspect.unwrap(type(optimizer).step) in _FUSED_STEPS
+            and all(group.get("fused") for group in optimizer.param_groups))
+
+
+def _reciprocal(x: torch.Tensor) -> torch.Tensor:
+    """float32 ``1/x`` rounded once from float64: the fused kernels read a float32 grad_scale."""
+    return x.double().reciprocal().float()
+
+
+def _fused_step(optimizer: torch.optim.Optimizer, grad_scale: torch.Tensor,
+                found_inf: Optional[torch.Tensor]) -> None:
+    """``optimizer.step()`` with ``grad_scale``/``found_inf`` set for it, restored afterwards."""
+    saved = {name: optimizer.__dict__[name] for name in _STEP_ATTRS if name in optimizer.__dict__}
+    try:
+        optimizer.grad_scale = grad_scale
+        if found_inf is not None:
+            optimizer.found_inf = found_inf
+        optimizer.step()
+    finally:
+        for name in _STEP_ATTRS:
+            if name in saved:
+                setattr(optimizer, name, saved[name])
+            else:
+                optimizer.__dict__.pop(name, None)
+
+
+def _check_free(optimizer: torch.optim.Optimizer) -> None:
+    for name in _STEP_ATTRS:
+        if getattr(optimizer, name, None) is not None:
+            raise RuntimeError(f"{_FN}: `optimizer` already has a `{name}` attribute set (by a "
+                               "GradScaler.step in progress, or by hand); clip_and_step sets it "
+                               f"for the step itself: delete `optimizer.{name}` first")
+
+
+@torch.no_grad()
+def clip_and_step(
+    optimizer: torch.optim.Optimizer,
+    max_norm: Union[float, torch.Tensor],
+    norm_type: Union[float, str] = 2.0,
+    scaler: Optional[GradScaler] = None,
+) -> torch.Tensor:
+    """Clip the global norm of ``optimizer``'s grads to ``max_norm``, then ``optimizer.step()``.
+
+    For a torch fused optimizer (``Adam``, ``AdamW``, ``SGD`` or ``Adagrad`` with ``fused=True``)
+    clipping costs one read pass: the coefficient ``min(max_norm / (norm + 1e-6), 1)`` (divided
+    into the AMP scale, with a scaler) goes to the step as ``optimizer.grad_scale``, which the fused
+    kernel divides every grad by, and the found-inf flag as ``optimizer.found_inf``. fastclip does
+    not write the grads; torch's fused kernels store the grad they used (clipped, unscaled) back
+    into ``.grad``, except on a skipped step. Both attributes are removed after the step. The
+    parameters match torch's clip-then-step up to float rounding (a division by ``1/coef``
+    instead of a multiplication by ``coef``: about one float32 ulp per grad element).
+
+    Any other optimizer gets ``clip_grad_norm_`` (or, with a scaler, ``unscale_and_clip_``) and
+    then its step, through ``scaler.step`` with a scaler.
+
+    With a scaler this replaces ``scaler.unscale_(optimizer); clip_grad_norm_(...);
+    scaler.step(optimizer)``: call ``scaler.update()`` afterwards as usual. The step is skipped
+    on inf/NaN and the scaler backs off. If ``scaler.unscale_(optimizer)`` was already called this
+    iteration, the grads are taken as unscaled and its found-inf flags are used.
+
+    Args:
+        optimizer: the optimizer to step; the grads of all its parameter groups are clipped.
+        max_norm: the largest total norm allowed (>= 0), of the unscaled grads with a scaler.
+        norm_type: p > 0 of the p-norm; ``inf`` or ``'inf'`` for the max norm.
+        scaler: the ``torch.amp.GradScaler`` that scaled the loss, or None.
+
+    Returns:
+        The total norm of the (unscaled) grads before clipping, a 0-d tensor on the first grad's
+        device. The optimizer's step return value (closures are not supported) is dropped.
+
+    Raises:
+        RuntimeError: with a scaler, it has no scale yet or already stepped this optimizer since
+            ``update()``; or ``optimizer`` already carries a ``grad_scale``/``found_inf``.
+        ValueError: with a scaler, a grad is float16 (GradScaler refuses to unscale those).
+
+    Example:
+        >>> import torch, fastclip
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+        >>> model(torch.randn(8, 4)).sum().backward()
+        >>> norm = fastclip.clip_and_step(opt, max_norm=1.0)
+    """
+    check_optimizer(optimizer, _FN)
+    max_norm = V.check_max_norm(max_norm, _FN)
+    p = V.check_norm_type(norm_type, _FN)
+    if scaler is not None:
+        check_scaler(scaler, _FN)
+        if not scaler.is_enabled():
+            scaler = None
+    fused = reads_grad_scale(optimizer)
+    if fused:
+        _check_free(optimizer)
+    params = optimizer_params(optimizer)
+    grads = V.grads_of(params, _FN, _GRADS_ARG)
+    plan = Plan.build(grads, _FN, _GRADS_ARG) if (fused and grads) else None
+
+    if scaler is None:
+        if plan is None:  # not fused, no grads, or no kernel for them: clip, then step
+            norm = clip_grad_norm_(params, max_norm, p)
+            optimizer.step()
+            return norm
+        norm = plan.total_norm(p)
+        _fused_step(optimizer, _reciprocal(clip_coefficient(max_norm, norm)), None)
+        return norm
+
+    state = scaler._per_optimizer_states[id(optimizer)]
+    if scaler._scale is None:
+        raise RuntimeError(f"{_FN}: `scaler` has no scale yet: call `scaler.scale(loss).backward()` "
+                           "in this iteration before stepping")
+    if state["stage"] is OptState.STEPPED:
+        raise RuntimeError(f"{_FN}: step() has already been called since the last update(): call "
+                           "`scaler.update()` to start the next iteration first")
+    if plan is None:
+        if state["stage"] is OptState.READY:
+            norm = unscale_and_clip_(scaler, optimizer, max_norm, p)
+        else:  # the caller already unscaled: clip the unscaled grads
+            norm = clip_grad_norm_(params, max_norm, p)
+        scaler.step(optimizer)
+        return norm
+
+    if state["stage"] is OptState.READY:
+        check_no_fp16(grads, _FN)
+        inv_scale = inv_scale_of(scaler)
+        norm, found = scaled_pass(plan, p, inv_scale)
+        state["found_inf_per_device"] = found
+        coef = clip_coefficient(max_norm, norm)
+        # grads / grad_scale = grads * inv_scale * coef, with one float32 rounding of the divisor.
+        grad_scale = _reciprocal(inv_scale.to(coef.device, non_blocking=True).double() * coef.double())
+    else:  # UNSCALED: the flags were recorded by scaler.unscale_
+        norm = plan.total_norm(p)
+        grad_scale = _reciprocal(clip_coefficient(max_norm, norm))
+    scale = scaler._scale
+    found_inf = sum(f.to(scale.device, non_blocking=True) for f in state["found_inf_per_device"].values())
+    _fused_step(optimizer, grad_scale.to(scale.device, non_blocking=True), found_inf)
+    state["stage"] = OptState.STEPPED
+    return norm
+
+
+__all__ = ["clip_and_step"]

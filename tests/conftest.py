@@ -1,0 +1,32 @@
+"""Shared pytest set-up: importable test helpers, a fixed seed, and torch's thread count restored."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+# ``tests/reference.py`` is imported as ``reference`` whatever pytest's import mode.
+sys.path.insert(0, os.path.dirname(__file__))
+
+try:
+    from hypothesis import settings
+
+    # No example database: CI checkouts must not grow a .hypothesis/ folder, and a failure
+    # prints its reproducing blob instead.
+    settings.register_profile("fastclip", deadline=None, database=None, print_blob=True)
+    settings.load_profile("fastclip")
+except ImportError:  # hypothesis is only needed by test_core_properties.py
+    pass
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    """Every test starts from the same RNG state and leaves torch's thread count as it found it."""
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
