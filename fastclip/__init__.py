@@ -12,9 +12,13 @@ from fastclip.clip_grad import (
     clip_grads_with_norm_,
     get_total_norm,
 )
+from fastclip._patch import patch, patched, unpatch
 from fastclip.amp import unscale_and_clip_
 from fastclip.stats import ClipStats
 from fastclip.step import clip_and_step
+from fastclip.agc import adaptive_grad_clip_
+from fastclip.clipper import GradClipper
+from fastclip.policies import AutoClip, ZClip
 
 __version__ = "0.1.0"
 
@@ -23,7 +27,14 @@ __all__ = [
     "clip_grad_value_",
     "clip_grads_with_norm_",
     "get_total_norm",
+    "patch",
+    "patched",
+    "unpatch",
     "unscale_and_clip_",
     "clip_and_step",
     "ClipStats",
+    "GradClipper",
+    "AutoClip",
+    "ZClip",
+    "adaptive_grad_clip_",
 ]

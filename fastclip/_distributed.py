@@ -39,8 +39,9 @@ from fastclip._validate import _describe
 EXCLUDED = -1  # label of a replicated local shard that another rank counts
 _CACHE_LIMIT = 256
 
-# Identity-keyed caches: (objects..., value). The objects are kept so that an id() reused by a
-# new object can never match a stale entry.
+# Caches keyed by DeviceMesh (hash and == compare the layout: slicing a mesh again gives an
+# equal, not identical, object) and by id(group) with the group kept, so that an id() reused by
+# a new object can never match a stale entry.
 _mesh_groups_cache: dict = {}
 _within_cache: dict = {}
 _index_cache: dict = {}
@@ -154,20 +155,18 @@ def _world_size() -> int:
 
 def _mesh_groups(mesh, dims: tuple) -> list:
     """Process groups whose successive all-reduces sum over the mesh dims ``dims``."""
-    key = id(mesh)
-    entry = _mesh_groups_cache.get(key)
-    if entry is None or entry[0] is not mesh:
+    per_dims = _mesh_groups_cache.get(mesh)
+    if per_dims is None:
         if len(_mesh_groups_cache) >= _CACHE_LIMIT:
             _mesh_groups_cache.clear()
-        entry = (mesh, {})
-        _mesh_groups_cache[key] = entry
-    groups = entry[1].get(dims)
+        per_dims = _mesh_groups_cache[mesh] = {}
+    groups = per_dims.get(dims)
     if groups is None:
         if len(dims) == mesh.ndim and mesh.ndim > 1 and mesh.size() == _world_size():
             groups = [_dist().GroupMember.WORLD]  # the whole mesh is the world: one all-reduce
         else:
             groups = [mesh.get_group(d) for d in dims]
-        entry[1][dims] = groups
+        per_dims[dims] = groups
     return groups
 
 
@@ -176,17 +175,16 @@ def _mesh_within(mesh, group, fn: str) -> None:
     dist = _dist()
     if group is dist.GroupMember.WORLD:
         return
-    key = (id(mesh), id(group))
+    key = (mesh, id(group))
     entry = _within_cache.get(key)
-    if entry is None or entry[0] is not mesh or entry[1] is not group:
+    if entry is None or entry[0] is not group:
         if len(_within_cache) >= _CACHE_LIMIT:
             _within_cache.clear()
         outside = sorted(set(mesh.mesh.flatten().tolist()) - set(dist.get_process_group_ranks(group)))
-        entry = (mesh, group, outside)
-        _within_cache[key] = entry
-    if entry[2]:
+        entry = _within_cache[key] = (group, outside)
+    if entry[1]:
         raise ValueError(
-            f"{fn}: a DTensor grad lives on {mesh!r}, whose ranks {entry[2]} are not in `group`. "
+            f"{fn}: a DTensor grad lives on {mesh!r}, whose ranks {entry[1]} are not in `group`. "
             "With `group=`, every DTensor's mesh must lie within the group (pass the world, or a "
             "group spanning all the meshes); with `group=None` each mesh is reduced on its own.")
 
@@ -204,7 +202,8 @@ def resolve(tensors: list, group: object, fn: str) -> tuple[list, object]:
     DTensor = _dtensor_type()
     if DTensor is None:
         return tensors, group
-    # One pass: local shards, and one key per distinct (mesh, placements).
+    # One pass: local shards, and one key per distinct (mesh, placements). Meshes compare by
+    # value (hash cached on the mesh), so equal meshes from repeated slicing share a bucket.
     local_tensors = []
     key_of = np.empty(len(tensors), dtype=np.int64)
     keys: dict = {}
@@ -218,9 +217,9 @@ def resolve(tensors: list, group: object, fn: str) -> tuple[list, object]:
         any_dtensor = True
         spec = t._spec
         mesh, placements = spec.mesh, spec.placements
-        k = keys.get((id(mesh), placements))
+        k = keys.get((mesh, placements))
         if k is None:
-            k = keys[(id(mesh), placements)] = len(specs)
+            k = keys[(mesh, placements)] = len(specs)
             specs.append((mesh, placements, i))
         key_of[i] = k
         local_tensors.append(_local(t))
@@ -238,7 +237,7 @@ def _splits(placement) -> bool:
 
 def _label_keys(specs: list, group: object, fn: str) -> tuple[np.ndarray, list]:
     """Per distinct (mesh, placements): its bucket or EXCLUDED; and each bucket's groups."""
-    sharded: dict = {}  # id(mesh) -> set of mesh dims sharded by some grad (group=None)
+    sharded: dict = {}  # mesh -> set of mesh dims sharded by some grad (group=None)
     for mesh, placements, i in specs:
         if mesh.get_coordinate() is None:
             raise ValueError(f"{fn}: the DTensor grad at index {i} lives on {mesh!r}, which does "
@@ -247,7 +246,7 @@ def _label_keys(specs: list, group: object, fn: str) -> tuple[np.ndarray, list]:
             if pl.is_partial():
                 raise ValueError(_partial_message(fn, i, placements, "measured"))
             if _splits(pl):
-                sharded.setdefault(id(mesh), set()).add(d)
+                sharded.setdefault(mesh, set()).add(d)
             elif not pl.is_replicate():
                 raise ValueError(f"{fn}: the DTensor grad at index {i} has placement {pl!r}, "
                                  "which fastclip does not know how to count")
@@ -261,14 +260,14 @@ def _label_keys(specs: list, group: object, fn: str) -> tuple[np.ndarray, list]:
             counted_dims = range(mesh.ndim)  # the group sums over every mesh coordinate
             bucket = 0
         else:
-            dims = tuple(sorted(sharded.get(id(mesh), ())))
+            dims = tuple(sorted(sharded.get(mesh, ())))
             counted_dims = dims  # dims outside `dims` are replicated by all: not reduced
             if not dims:
                 bucket = 0  # fully replicated: every rank holds it all, nothing to reduce
             else:
-                bucket = bucket_of_mesh.get((id(mesh), dims))
+                bucket = bucket_of_mesh.get((mesh, dims))
                 if bucket is None:
-                    bucket = bucket_of_mesh[(id(mesh), dims)] = len(bucket_groups)
+                    bucket = bucket_of_mesh[(mesh, dims)] = len(bucket_groups)
                     bucket_groups.append(_mesh_groups(mesh, dims))
         replica = any(not _splits(placements[d]) and coord[d] != 0 for d in counted_dims)
         labels[k] = EXCLUDED if replica else bucket

@@ -169,3 +169,25 @@ class Plan:
     def clamp_(self, bound: float) -> None:
         for s in self.sets:
             s.backend.clamp_(s.table, bound)
+
+    # --- Fused fast path (fastclip._cuda): one device whose backend roots the norm and computes
+    # torch's coefficient inside its kernels, so no torch op runs between the two passes. -------
+
+    def _fused(self, name: str):
+        if len(self.sets) != 1:
+            return None, None
+        s = self.sets[0]
+        return getattr(s.backend, name, None), s.table
+
+    def fused_norm(self, p: float) -> Optional[torch.Tensor]:
+        """The norm from one fused launch, or None when the plan's backend has no fused path."""
+        fused, table = self._fused("fused_norm")
+        return None if fused is None else fused(table, p, self.dtype)
+
+    def fused_clip_(self, p: float, max_norm) -> Optional[torch.Tensor]:
+        """Norm, coefficient and scale in the backend's kernels; returns the norm, or None when
+        there is no fused path (several devices, a backend without one, a tensor ``max_norm``)."""
+        if not isinstance(max_norm, float):
+            return None
+        fused, table = self._fused("fused_clip_")
+        return None if fused is None else fused(table, p, max_norm, self.dtype)

@@ -13,7 +13,7 @@ back to the host: the scale, flags, norm and coefficient stay 0-d device tensors
 from __future__ import annotations
 
 import math
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch.amp.grad_scaler import GradScaler, OptState
@@ -21,6 +21,7 @@ from torch.amp.grad_scaler import GradScaler, OptState
 from fastclip import _validate as V
 from fastclip._plan import Plan, root
 from fastclip.clip_grad import clip_coefficient, clip_grad_norm_
+from fastclip.kernels.layout import FLOAT16
 
 _FN = "unscale_and_clip_"
 _GRADS_ARG = "optimizer.param_groups"
@@ -55,8 +56,13 @@ def scaler_state(scaler: GradScaler, optimizer: torch.optim.Optimizer, fn: str) 
     return scaler._per_optimizer_states[id(optimizer)]
 
 
-def check_no_fp16(grads: list, fn: str) -> None:
-    """GradScaler refuses to unscale float16 grads (fp16 master weights); so do we."""
+def check_no_fp16(grads: list, fn: str, plan: Optional[Plan] = None) -> None:
+    """GradScaler refuses to unscale float16 grads (fp16 master weights); so do we.
+
+    With a plan, its tables' dtype codes answer without asking every tensor again.
+    """
+    if plan is not None and not any((s.table.codes == FLOAT16).any() for s in plan.sets):
+        return
     for i, g in enumerate(grads):
         if g.dtype == torch.float16:
             raise ValueError(f"{fn}: `optimizer` holds a float16 gradient (grad {i} of its parameters "
@@ -188,7 +194,7 @@ def unscale_and_clip_(
     state = scaler_state(scaler, optimizer, _FN)
     grads = V.grads_of(params, _FN, _GRADS_ARG)
     plan = Plan.build(grads, _FN, _GRADS_ARG) if grads else None
-    check_no_fp16(grads, _FN)
+    check_no_fp16(grads, _FN, plan)
     if plan is None:  # no grads, or a device/dtype without a kernel: torch's own sequence
         scaler.unscale_(optimizer)
         return clip_grad_norm_(params, max_norm, p)

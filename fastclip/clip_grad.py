@@ -90,7 +90,9 @@ def get_total_norm(
     if plan is None:
         _distributed.require_kernel(group, fn)
         return TORCH_GET_TOTAL_NORM(tensors, p, error_if_nonfinite, foreach)
-    norm = plan.total_norm(p, group=group)
+    norm = plan.fused_norm(p) if group is None else None  # one CUDA device: root in-kernel
+    if norm is None:
+        norm = plan.total_norm(p, group=group)
     if error_if_nonfinite:
         _check_finite(norm, p)
     return norm
@@ -190,6 +192,10 @@ def clip_grad_norm_(
     if plan is None:
         _distributed.require_kernel(group, fn)
         return TORCH_CLIP_GRAD_NORM(parameters, max_norm, p, error_if_nonfinite, foreach)
+    if group is None and stats is None and not error_if_nonfinite:
+        norm = plan.fused_clip_(p, max_norm)  # one CUDA device: norm, coef and scale in-kernel
+        if norm is not None:
+            return norm
     norm = plan.total_norm(p, group=group, stats=stats)
     if error_if_nonfinite:
         _check_finite(norm, p)

@@ -155,7 +155,7 @@ def clip_and_step(
         return norm
 
     if state["stage"] is OptState.READY:
-        check_no_fp16(grads, _FN)
+        check_no_fp16(grads, _FN, plan)
         inv_scale = inv_scale_of(scaler)
         norm, found = scaled_pass(plan, p, inv_scale)
         state["found_inf_per_device"] = found

@@ -144,15 +144,17 @@ def test_parameters_not_iterable(parameters):
         fastclip.clip_grad_norm_(parameters, 1.0)
 
 
-@pytest.mark.parametrize("fn", ["clip_grad_norm_", "get_total_norm", "clip_grads_with_norm_",
-                                "clip_grad_value_"])
-@pytest.mark.parametrize("layout", ["coo", "csr"])
+@pytest.mark.parametrize("fn,layout", [
+    ("clip_grad_norm_", "coo"), ("get_total_norm", "coo"), ("clip_grads_with_norm_", "coo"),
+    ("clip_grad_value_", "coo"), ("get_total_norm", "csr"),  # torch refuses a CSR .grad
+])
 def test_sparse_grads(fn, layout):
     params, grads = grad_params()
     dense = torch.tensor([[0.0, 30.0], [40.0, 0.0]])
     sparse = dense.to_sparse() if layout == "coo" else dense.to_sparse_csr()
     sp = torch.zeros(2, 2, requires_grad=True)
-    sp.grad = sparse
+    if layout == "coo":
+        sp.grad = sparse
     try:
         if fn == "get_total_norm":
             result = fastclip.get_total_norm(grads + [sparse])

@@ -10,6 +10,7 @@ import torch
 
 import fastclip
 from fastclip._plan import Plan
+from device_style import device_style  # noqa: F401 (fixture)
 from reference import (assert_norm_close, exact_norm, param_with_grad, random_grad, reference_coef,
                        tensor_power_sum)
 
@@ -141,6 +142,23 @@ def test_several_device_sets_are_put_back_in_order():
     assert float(norm) == pytest.approx(exact_norm(grads, 2.0), rel=1e-14)
     torch.testing.assert_close(stats.per_tensor_norms, _expected_per_tensor(grads, 2.0, torch.float64),
                                rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("p", [2.0, math.inf])
+def test_device_style_results(p, device_style):
+    """The branch for backends that answer with tensors (GPU), run on the CPU."""
+    params = _mixed_params(seed=11)
+    params[1].grad[3] = math.nan
+    params[5].grad[0, 0] = -math.inf
+    finite = [q.grad.clone() for i, q in enumerate(params) if i not in (1, 5)]
+    stats = fastclip.ClipStats()
+    fastclip.clip_grad_norm_(params, max_norm=1.0, norm_type=p, stats=stats)
+    assert int(stats.nonfinite_count) == 2 and stats.nonfinite_count.dtype == torch.int64
+    assert bool(stats.clipped) and math.isnan(float(stats.clip_coef))
+    per = stats.per_tensor_norms
+    assert math.isnan(float(per[1])) and float(per[5]) == math.inf
+    keep = [i for i in range(len(params)) if i not in (1, 5)]
+    torch.testing.assert_close(per[keep], _expected_per_tensor(finite, p, torch.float64), rtol=1e-12, atol=0)
 
 
 @pytest.mark.gpu

@@ -204,28 +204,44 @@ TORCH_METHODS = ("torch-foreach", "torch-loop")
 
 # --- the case table -------------------------------------------------------------------------
 
-
-@dataclass(frozen=True)
-class Case:
-    """One timed configuration: a clipping step (``step`` set) or a norm pass (``step`` None)."""
-
-    grad_set: str
-    method: str
-    step: Optional[str]
-
-    @property
-    def id(self) -> str:
-        return f"{self.grad_set}-{self.step or 'norm-pass'}-{self.method}"
-
-
-def clip_cases(sets=ISSUE_SETS, steps=tuple(STEPS), methods=tuple(METHODS)) -> list[Case]:
-    """Every (set, step, method) combination, set-major so one set is built at a time."""
-    return [Case(g, m, s) for g in sets for s in steps for m in methods]
-
-
-# Norm-pass rows: fastclip's read pass and torch's, next to the plain read loop.
+# Yardsticks timed next to the methods, on the same memory (see ``memloops``).
+YARDSTICKS = {"read-loop": "read loop", "copy-loop": "copy loop"}
+# Norm-pass rows: fastclip's read pass and torch's, to set against the read loop.
 NORM_PASS_METHODS = ("fastclip", "torch-foreach")
 
 
-def norm_cases(sets=ISSUE_SETS, methods=NORM_PASS_METHODS) -> list[Case]:
-    return [Case(g, m, None) for g in sets for m in methods]
+@dataclass(frozen=True)
+class Case:
+    """One timed operation on one gradient set.
+
+    ``method`` is a ``METHODS`` key or a ``YARDSTICKS`` key; ``step`` is a ``STEPS`` key for a
+    full clipping step, or None for a norm pass (methods) or a yardstick.
+    """
+
+    grad_set: str
+    method: str
+    step: Optional[str] = None
+
+    @property
+    def kind(self) -> str:
+        if self.method in YARDSTICKS:
+            return self.method
+        return "step" if self.step is not None else "norm-pass"
+
+    @property
+    def id(self) -> str:
+        if self.method in YARDSTICKS:
+            return f"{self.grad_set}-{self.method}"
+        return f"{self.grad_set}-{self.step or 'norm-pass'}-{self.method}"
+
+
+def set_cases(grad_set: str, steps=tuple(STEPS), methods=tuple(METHODS)) -> list[Case]:
+    """Everything timed on one set: yardsticks, norm passes, then every (step, method)."""
+    return ([Case(grad_set, y) for y in YARDSTICKS]
+            + [Case(grad_set, m) for m in NORM_PASS_METHODS if m in methods]
+            + [Case(grad_set, m, s) for s in steps for m in methods])
+
+
+def all_cases(sets=ISSUE_SETS, steps=tuple(STEPS), methods=tuple(METHODS)) -> list[Case]:
+    """``set_cases`` of every set, set-major (one set needs to be in memory at a time)."""
+    return [c for g in sets for c in set_cases(g, steps, methods)]

@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from fastclip.bench.cases import Shape
+from fastclip.bench.memloops import copy_loop
 
 POOL_SIZE = 1 << 22  # seeded normals reused for every tensor: filling costs a copy, not an RNG
 _REFERENCE_CHUNK = 1 << 20
@@ -36,6 +37,7 @@ class GradSet:
     grads: list[torch.Tensor]
     saved: list[torch.Tensor]
     reference_norm: float = field(default=math.nan)
+    _copy: object = field(default=None, init=False, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -54,8 +56,10 @@ class GradSet:
         return sum(g.numel() * g.element_size() for g in self.grads)
 
     def restore(self) -> None:
-        """Copy the saved values back into the grads (in place: addresses do not change)."""
-        torch._foreach_copy_(self.grads, self.saved)
+        """Copy the saved values back into the grads, in place (a ``memloops`` copy loop)."""
+        if self._copy is None:
+            self._copy = copy_loop(self.grads, self.saved)
+        self._copy()
 
     def sync(self) -> None:
         if self.device.type == "cuda":

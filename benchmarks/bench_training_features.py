@@ -1,0 +1,158 @@
+"""Fused AMP unscale+clip and one-read clip_and_step against torch's sequences, on the CPU.
+
+Each row times one training-loop operation (median of ``--repeats`` runs, after warm-up). The
+grads are restored from a saved copy before every run, outside the timed region, so that every
+run clips the same values (a clip that found nothing to do would skip its write pass).
+
+    python3 benchmarks/bench_training_features.py              # short: a few seconds per set
+    python3 benchmarks/bench_training_features.py --repeats 50 --sets large --threads 1
+
+Rows:
+    amp      torch: scaler.unscale_(opt); torch.nn.utils.clip_grad_norm_(params, max_norm)
+             fastclip: fastclip.unscale_and_clip_(scaler, opt, max_norm)
+    step     fused AdamW. step only: opt.step(); torch: clip_grad_norm_ then opt.step();
+             fastclip: fastclip.clip_and_step(opt, max_norm). "clip cost" is the time over the
+             bare step; "one read" times the norm pass alone, for comparison.
+    amp+step fused AdamW with a GradScaler. torch: unscale_, clip_grad_norm_, scaler.step;
+             fastclip: fastclip.clip_and_step(opt, max_norm, scaler=scaler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import fastclip
+
+# name: (number of tensors, elements per tensor), float32
+SETS = {
+    "small": (200, 4096),     # many small tensors, ~3 MB of grads
+    "large": (16, 1 << 19),   # 8M elements, 32 MB of grads
+}
+MAX_NORM = 1e-3  # below every set's norm: every run clips
+
+
+def _params(n: int, size: int) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(size, generator=g)) for _ in range(n)]
+    for q in params:
+        q.grad = torch.randn(size, generator=g)
+    return params
+
+
+def _median_time(run, reset, repeats: int, warmup: int = 2) -> float:
+    times = []
+    for i in range(warmup + repeats):
+        reset()
+        t0 = time.perf_counter()
+        run()
+        t1 = time.perf_counter()
+        if i >= warmup:
+            times.append(t1 - t0)
+    return statistics.median(times)
+
+
+def _grad_restorer(params, saved, scaler=None):
+    grads = [q.grad for q in params]
+
+    def reset():
+        torch._foreach_copy_(grads, saved)
+        if scaler is not None:
+            scaler._per_optimizer_states.clear()  # back to READY, the scale unchanged
+    return reset
+
+
+def bench_amp(params, repeats):
+    opt = torch.optim.SGD(params, lr=0.0)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(torch.zeros(()))  # creates the scale (2**16)
+    saved = [q.grad.clone() * 65536.0 for q in params]
+    reset = _grad_restorer(params, saved, scaler)
+
+    def torch_seq():
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, MAX_NORM)
+
+    t_torch = _median_time(torch_seq, reset, repeats)
+    t_fast = _median_time(lambda: fastclip.unscale_and_clip_(scaler, opt, MAX_NORM), reset, repeats)
+    return [("amp", "torch unscale_ + clip_grad_norm_", t_torch, None),
+            ("amp", "fastclip.unscale_and_clip_", t_fast, t_torch / t_fast)]
+
+
+def bench_step(params, repeats):
+    opt = torch.optim.AdamW(params, lr=1e-6, fused=True)
+    saved = [q.grad.clone() for q in params]
+    reset = _grad_restorer(params, saved)
+    t_step = _median_time(opt.step, reset, repeats)
+
+    def torch_seq():
+        torch.nn.utils.clip_grad_norm_(params, MAX_NORM)
+        opt.step()
+
+    def fastclip_seq():
+        fastclip.clip_grad_norm_(params, MAX_NORM)
+        opt.step()
+
+    grads = [q.grad for q in params]
+    t_read = _median_time(lambda: fastclip.get_total_norm(grads), reset, repeats)
+    t_torch = _median_time(torch_seq, reset, repeats)
+    t_fseq = _median_time(fastclip_seq, reset, repeats)
+    t_fast = _median_time(lambda: fastclip.clip_and_step(opt, MAX_NORM), reset, repeats)
+    clip = {name: t - t_step for name, t in (("torch", t_torch), ("fseq", t_fseq), ("fast", t_fast))}
+    rows = [("step", "fused AdamW step only", t_step, None),
+            ("step", "one read: fastclip.get_total_norm", t_read, None),
+            ("step", "torch clip_grad_norm_ + step", t_torch, None),
+            ("step", "fastclip.clip_grad_norm_ + step", t_fseq, t_torch / t_fseq),
+            ("step", "fastclip.clip_and_step", t_fast, t_torch / t_fast)]
+    return rows, clip
+
+
+def bench_amp_step(params, repeats):
+    opt = torch.optim.AdamW(params, lr=1e-6, fused=True)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(torch.zeros(()))
+    saved = [q.grad.clone() * 65536.0 for q in params]
+    reset = _grad_restorer(params, saved, scaler)
+
+    def torch_seq():
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, MAX_NORM)
+        scaler.step(opt)
+
+    t_torch = _median_time(torch_seq, reset, repeats)
+    t_fast = _median_time(lambda: fastclip.clip_and_step(opt, MAX_NORM, scaler=scaler), reset, repeats)
+    return [("amp+step", "torch unscale_ + clip + scaler.step", t_torch, None),
+            ("amp+step", "fastclip.clip_and_step(scaler=)", t_fast, t_torch / t_fast)]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=10, help="timed runs per row (median)")
+    parser.add_argument("--sets", default="small,large", help=f"comma-separated, from {sorted(SETS)}")
+    parser.add_argument("--threads", type=int, default=None, help="torch (and so fastclip) threads")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 grads, "
+          f"median of {args.repeats} runs")
+    for name in args.sets.split(","):
+        n, size = SETS[name]
+        params = _params(n, size)
+        print(f"\n== {name}: {n} tensors x {size} elements ({n * size * 4 / 1e6:.1f} MB of grads)")
+        rows = bench_amp(params, args.repeats)
+        step_rows, clip = bench_step(params, args.repeats)
+        rows += step_rows + bench_amp_step(params, args.repeats)
+        print(f"{'':9}{'operation':40}{'time':>12}{'torch / this':>14}")
+        for group, label, t, ratio in rows:
+            r = f"{ratio:13.2f}x" if ratio is not None else ""
+            print(f"{group:9}{label:40}{t * 1e3:10.3f}ms{r:>14}")
+        print(f"{'':9}clip cost over the bare step: torch {clip['torch'] * 1e3:.3f} ms, "
+              f"fastclip clip_grad_norm_ {clip['fseq'] * 1e3:.3f} ms, "
+              f"clip_and_step {clip['fast'] * 1e3:.3f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,423 @@
+"""The CUDA backend: runs ``kernels/cuda.py`` on a ``TensorTable``, with no host synchronization.
+
+Every call works on torch's current stream and passes the kernels scalars only: the address of
+one int64 *device table* (addresses, dtype codes, chunk table) and of a small scratch buffer.
+Building and uploading the table is the only per-set cost, so device tables are cached, keyed by
+the table's contents (addresses, lengths, dtypes), the device and the stream: a training loop
+whose grads keep their buffers uploads once. Uploads go through pinned memory with
+``non_blocking=True``; nothing here ever waits for the GPU.
+
+CUDA graphs: while a stream is being captured, a call never touches the eager cache. It builds a
+table of its own whose upload (a captured memcpy from pinned host memory) and zeroed scratch are
+part of the graph, so each replay re-reads the table and starts from zeroed tickets. The pinned
+host memory comes from an arena reserved by the first eager call and is never reused (a graph
+may be replayed at any time): a few KB per captured call, for the life of the process. Run one
+call before capturing (torch's own advice: warm up on a side stream), so that the kernels are
+compiled and loaded, and the arena reserved, outside the capture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import threading
+from collections import OrderedDict
+from typing import Optional
+
+import numpy as np
+import torch
+
+from fastclip._cpu import PowerSums
+from fastclip._table import TensorTable
+from fastclip.kernels import cuda as K
+from fastclip.kernels.layout import DEFAULT_CHUNK_SIZE, build_chunk_table, norm_kind
+
+CHUNK_SIZE = DEFAULT_CHUNK_SIZE
+CACHE_SIZE = 8  # device tables kept per process (eager calls)
+MAX_BLOCKS: Optional[int] = None  # grid cap override (tests); default: the resident blocks
+SIM_MAX_BLOCKS = 3  # the simulator's grid cap: small grids keep it fast
+
+ARENA_WORDS = 1 << 17  # int64 words of pinned memory per arena block (1 MiB)
+# Launch through cuda.core directly (the call numba-cuda itself ends with) rather than through
+# numba's dispatcher; False selects the dispatcher (tests, or if a numba-cuda release breaks it).
+FAST_LAUNCH = True
+
+_lock = threading.Lock()
+_cache: "OrderedDict[tuple, _DeviceTable]" = OrderedDict()
+_available: Optional[bool] = None
+
+
+def is_available() -> bool:
+    """True when CUDA tensors can run on fastclip's kernels (a GPU, a driver, numba-cuda)."""
+    global _available
+    if _available is None:
+        ok = False
+        if not K.SIMULATOR and torch.cuda.is_available():
+            try:
+                from numba import cuda
+
+                ok = bool(cuda.is_available())
+            except Exception:  # a broken driver or toolkit: torch does the work
+                ok = False
+        _available = ok
+    return _available
+
+
+class _DeviceTable:
+    """A table on the device, its scratch, and the launch geometry."""
+
+    __slots__ = ("device", "index", "stream", "n", "nc", "grid", "table", "scratch",
+                 "_keep", "scratch_tensor")
+
+    def __init__(self, device, stream, n, nc, grid, table_tensor, scratch_tensor):
+        self.device = device
+        self.index = device.index if device.type == "cuda" else -1
+        self.stream = stream
+        self.n = n
+        self.nc = nc
+        self.grid = grid
+        self.table = table_tensor.data_ptr()
+        self.scratch = scratch_tensor.data_ptr()
+        self.scratch_tensor = scratch_tensor
+        self._keep = table_tensor
+
+
+# --- streams, capture, launches -------------------------------------------------------------------
+
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+_is_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None)
+
+
+def _stream_handle(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    if _raw_stream is not None:
+        return _raw_stream(device.index)
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _capturing(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    if _is_capturing is not None:
+        return bool(_is_capturing())
+    return torch.cuda.is_current_stream_capturing()
+
+
+@contextlib.contextmanager
+def _relaxed_capture():
+    """Let this thread make calls that stream capture forbids in its global mode (pinned
+    allocation, module loading), as torch does for its own allocations during capture."""
+    cu = old = None
+    try:
+        from cuda.bindings import driver as cu
+
+        err, old = cu.cuThreadExchangeStreamCaptureMode(
+            cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_RELAXED)
+        if err != cu.CUresult.CUDA_SUCCESS:
+            old = None
+    except Exception:  # no cuda.bindings: proceed in the caller's mode
+        old = None
+    try:
+        yield
+    finally:
+        if old is not None:
+            cu.cuThreadExchangeStreamCaptureMode(old)
+
+
+class _PinnedArena:
+    """Pinned host memory for the uploads of captured calls: handed out once, never reused,
+    never freed (a captured memcpy reads it at every replay)."""
+
+    def __init__(self):
+        self.blocks: list = []
+        self.used = 0
+
+    def reserve(self) -> None:
+        """Allocate the first block (called by eager uploads, so captures rarely allocate)."""
+        if not self.blocks:
+            self.blocks.append(torch.empty(ARENA_WORDS, dtype=torch.int64, pin_memory=True))
+
+    def take(self, words: int) -> torch.Tensor:
+        with _lock:
+            block = self.blocks[-1] if self.blocks else None
+            if block is None or self.used + words > block.shape[0]:
+                with _relaxed_capture():
+                    block = torch.empty(max(ARENA_WORDS, words), dtype=torch.int64, pin_memory=True)
+                self.blocks.append(block)
+                self.used = 0
+            view = block[self.used:self.used + words]
+            self.used += (words + 7) // 8 * 8  # 64-byte steps
+        return view
+
+
+_arena = _PinnedArena()
+
+
+def _device_guard(index: int):
+    if index < 0 or torch.cuda.current_device() == index:
+        return contextlib.nullcontext()
+    return torch.cuda.device(index)
+
+
+class _Launcher:
+    """Launches one kernel with as little Python work as possible.
+
+    The kernel is compiled once (or loaded from numba's disk cache) for the scalar signature
+    in ``kernels.cuda``; launches go straight to ``cuda.core.launch`` with a cached launch
+    configuration and stream wrapper. When numba-cuda's internals differ from what this expects,
+    it falls back to the ordinary ``kernel[grid, block, stream](*args)``.
+    """
+
+    def __init__(self, name: str):
+        self.dispatcher, sig = K.KERNELS[name]
+        self.argtypes = [a.strip() for a in sig.split(",")]
+        self.convs = [ctypes.c_double if a == "float64" else ctypes.c_int64 for a in self.argtypes]
+        self.sig = "void(" + sig + ")"
+        self.per_device: dict = {}
+
+    def prepare(self, index: int) -> dict:
+        """Compile (or load) the kernel for device ``index`` and set up its launch path."""
+        state = self.per_device.get(index)
+        if state is not None:
+            return state
+        state = {"fast": None, "configs": {}, "streams": {}, "blocks_per_sm": None}
+        with _device_guard(index), _relaxed_capture():
+            kernel = self.dispatcher.compile(self.sig)
+            try:
+                cufunc = kernel._codelibrary.get_cufunc()
+            except Exception:  # numba-cuda internals changed: the public launch path only
+                cufunc = None
+            if cufunc is not None and FAST_LAUNCH:
+                try:
+                    from cuda.core import LaunchConfig, Stream, launch
+
+                    state.update(fast=launch, kernel=cufunc.kernel, LaunchConfig=LaunchConfig,
+                                 Stream=Stream)
+                except Exception:
+                    state["fast"] = None
+            if cufunc is not None:
+                try:
+                    from numba.cuda.cudadrv.devices import get_context
+
+                    state["blocks_per_sm"] = int(get_context().get_active_blocks_per_multiprocessor(
+                        cufunc, K.THREADS, 0))
+                except Exception:
+                    pass
+        self.per_device[index] = state
+        return state
+
+    def __call__(self, entry: _DeviceTable, args: tuple) -> None:
+        if K.SIMULATOR or entry.index < 0:
+            self.dispatcher[entry.grid, K.THREADS](*args)
+            return
+        state = self.per_device.get(entry.index) or self.prepare(entry.index)
+        with _device_guard(entry.index):
+            if state["fast"] is not None:
+                config = state["configs"].get(entry.grid)
+                if config is None:
+                    config = state["configs"][entry.grid] = state["LaunchConfig"](
+                        grid=entry.grid, block=K.THREADS)
+                stream = state["streams"].get(entry.stream)
+                if stream is None:
+                    stream = state["streams"][entry.stream] = state["Stream"].from_handle(entry.stream)
+                state["fast"](stream, config, state["kernel"],
+                              *[conv(a) for conv, a in zip(self.convs, args)])
+            else:
+                stream = state["streams"].get(entry.stream)
+                if stream is None:
+                    from numba import cuda
+
+                    stream = state["streams"][entry.stream] = cuda.external_stream(entry.stream)
+                self.dispatcher[entry.grid, K.THREADS, stream](*args)
+
+
+_power_sums = _Launcher("power_sums_kernel")
+_scale = _Launcher("scale_kernel")
+_clamp = _Launcher("clamp_kernel")
+
+
+def reset_launchers() -> None:
+    """Forget every launcher's per-device state (after changing ``FAST_LAUNCH``)."""
+    for launcher in (_power_sums, _scale, _clamp):
+        launcher.per_device.clear()
+
+
+def launch_path() -> str:
+    """'cuda.core' or 'numba dispatcher': which launch path the kernels use (benchmarks)."""
+    states = list(_power_sums.per_device.values())
+    if not states:
+        return "not launched yet"
+    return "cuda.core" if states[0]["fast"] is not None else "numba dispatcher"
+
+
+# --- device tables --------------------------------------------------------------------------------
+
+
+def _max_blocks(device: torch.device) -> int:
+    if MAX_BLOCKS is not None:
+        return MAX_BLOCKS
+    if K.SIMULATOR or device.type != "cuda":
+        return SIM_MAX_BLOCKS
+    props = torch.cuda.get_device_properties(device)
+    per_sm = _power_sums.prepare(device.index)["blocks_per_sm"]
+    if not per_sm:
+        per_sm = max(1, props.max_threads_per_multi_processor // K.THREADS)
+    return props.multi_processor_count * per_sm
+
+
+def host_table(table: TensorTable, chunk_size: Optional[int] = None) -> tuple:
+    """The device table's int64 contents for ``table`` (see ``kernels.cuda.table_layout``),
+    and its tensor and chunk counts. ``chunk_size`` defaults to ``CHUNK_SIZE``."""
+    chunk_size = CHUNK_SIZE if chunk_size is None else chunk_size
+    lengths = table.lengths
+    chunks = build_chunk_table(lengths, chunk_size)
+    per_tensor = (lengths + (chunk_size - 1)) // chunk_size
+    first = np.zeros(lengths.shape[0] + 1, dtype=np.int64)
+    np.cumsum(per_tensor, out=first[1:])
+    codes = table.codes.astype(np.int64, copy=True)
+    if table.strided:
+        codes[table.strided] |= K.READONLY
+    host = np.concatenate([table.addrs, codes, chunks.tensor, chunks.start, chunks.stop, first])
+    return host.astype(np.int64, copy=False), int(lengths.shape[0]), chunks.n_chunks
+
+
+def _upload(table: TensorTable, device: torch.device, stream: int, capturing: bool) -> _DeviceTable:
+    host, n, nc = host_table(table)
+    slots = K.scratch_slots(n, nc)
+    if device.type != "cuda":  # the simulator: "device" memory is host memory
+        table_tensor = torch.from_numpy(host)
+        scratch = torch.zeros(slots, dtype=torch.int64)
+    else:
+        if capturing:
+            pinned = _arena.take(host.shape[0])
+        else:
+            _arena.reserve()
+            # torch's pinned allocator keeps the buffer until the copy has run: it can be dropped.
+            pinned = torch.empty(host.shape[0], dtype=torch.int64, pin_memory=True)
+        pinned.numpy()[:] = host
+        table_tensor = torch.empty(host.shape[0], dtype=torch.int64, device=device)
+        table_tensor.copy_(pinned, non_blocking=True)
+        scratch = torch.zeros(slots, dtype=torch.int64, device=device)
+    grid = max(1, min(nc, _max_blocks(device)))
+    return _DeviceTable(device, stream, n, nc, grid, table_tensor, scratch)
+
+
+def device_table(table: TensorTable) -> _DeviceTable:
+    """The device table of ``table`` on its tensors' device, uploaded or from the cache."""
+    entry = table.chunk_cache.get("cuda")
+    if entry is not None:
+        return entry
+    device = table.tensors[0].device
+    stream = _stream_handle(device)
+    if _capturing(device):
+        entry = _upload(table, device, stream, capturing=True)
+    else:
+        key = (device.index, stream, table.addrs.tobytes(), table.lengths.tobytes(),
+               table.codes.tobytes(), tuple(table.strided))
+        with _lock:
+            entry = _cache.get(key)
+            if entry is not None:
+                _cache.move_to_end(key)
+        if entry is None:
+            entry = _upload(table, device, stream, capturing=False)
+            with _lock:
+                _cache[key] = entry
+                while len(_cache) > CACHE_SIZE:
+                    _cache.popitem(last=False)
+    table.chunk_cache["cuda"] = entry
+    return entry
+
+
+def clear_cache() -> None:
+    """Forget the cached device tables (eager ones; graphs keep what they captured)."""
+    with _lock:
+        _cache.clear()
+
+
+# --- the backend interface ------------------------------------------------------------------------
+
+
+def power_sums(table: TensorTable, p: float, count_nonfinite: bool = False,
+               per_tensor: bool = True) -> PowerSums:
+    """One read pass: float64 sums of |x|**p (max |x| for inf), all on the device.
+
+    Args:
+        table: tensors on one CUDA device.
+        p: the norm type.
+        count_nonfinite: also count the inf/NaN elements.
+        per_tensor: also fold the chunk partials into one sum per tensor (telemetry, DTensor
+            buckets); with False ``per_tensor`` is None and the folds are skipped.
+
+    Returns:
+        ``PowerSums`` of device tensors: ``total`` (0-d float64), ``per_tensor`` (float64, table
+        order, or None), ``nonfinite`` (0-d int64; 0 unless counted).
+    """
+    entry = device_table(table)
+    want = bool(per_tensor)
+    n = entry.n
+    out = torch.empty(2 + (n if want else 0), dtype=torch.float64, device=entry.device)
+    base = out.data_ptr()
+    _power_sums(entry, (entry.table, n, entry.nc, norm_kind(p), float(p), entry.scratch,
+                        K.COUNT_NONFINITE if count_nonfinite else 0, 0.0,
+                        base, 0, 0, base + 8, base + 16 if want else 0))
+    return PowerSums(out[0], out[2:] if want else None, out[1:2].view(torch.int64)[0])
+
+
+def scale_(table: TensorTable, coef: torch.Tensor) -> None:
+    """Multiply every tensor by the 0-d ``coef`` (on this device) in place, with torch's
+    ``mul_`` rounding. The kernel reads coef on the device and does nothing when it is >= 1."""
+    entry = device_table(table)
+    if not isinstance(coef, torch.Tensor):  # a host number (the simulator's CPU "device")
+        coef = torch.tensor(float(coef), dtype=torch.float64, device=entry.device)
+    if coef.dtype != torch.float32 and coef.dtype != torch.float64:
+        coef = coef.to(torch.float32)
+    if coef.device != entry.device:
+        coef = coef.to(entry.device, non_blocking=True)
+    _scale(entry, (entry.table, entry.n, entry.nc, coef.data_ptr(),
+                   1 if coef.dtype == torch.float64 else 0))
+    for i in table.strided:
+        table.tensors[i].mul_(coef)
+
+
+def clamp_(table: TensorTable, bound: float) -> None:
+    """Clamp every tensor to ``[-bound, bound]`` in place."""
+    entry = device_table(table)
+    _clamp(entry, (entry.table, entry.n, entry.nc, float(bound)))
+    for i in table.strided:
+        table.tensors[i].clamp_(min=-bound, max=bound)
+
+
+def fused_norm(table: TensorTable, p: float, dtype: torch.dtype) -> torch.Tensor:
+    """The norm, rooted and cast to ``dtype`` on the device by the kernel's last block: one
+    launch, no torch op besides the result's allocation."""
+    entry = device_table(table)
+    norm = torch.empty((), dtype=dtype, device=entry.device)
+    flags = K.RESULT_F64 if dtype == torch.float64 else 0
+    _power_sums(entry, (entry.table, entry.n, entry.nc, norm_kind(p), float(p), entry.scratch,
+                        flags, 0.0, 0, norm.data_ptr(), 0, 0, 0))
+    return norm
+
+
+def fused_clip_(table: TensorTable, p: float, max_norm: float, dtype: torch.dtype) -> torch.Tensor:
+    """``clip_grad_norm_`` in two launches: kernel 1 writes the norm and torch's coefficient
+    (to the table's scratch), kernel 2 reads the coefficient and scales, or returns at once
+    when it is 1. Returns the norm (0-d, ``dtype``)."""
+    entry = device_table(table)
+    norm = torch.empty((), dtype=dtype, device=entry.device)
+    is_f64 = dtype == torch.float64
+    coef_addr = entry.scratch + 8 * K.SCRATCH_COEF
+    _power_sums(entry, (entry.table, entry.n, entry.nc, norm_kind(p), float(p), entry.scratch,
+                        K.RESULT_F64 if is_f64 else 0, float(max_norm),
+                        0, norm.data_ptr(), coef_addr, 0, 0))
+    _scale(entry, (entry.table, entry.n, entry.nc, coef_addr, 1 if is_f64 else 0))
+    if table.strided:
+        slot = entry.scratch_tensor[K.SCRATCH_COEF:K.SCRATCH_COEF + 1]
+        coef = slot.view(torch.float64)[0] if is_f64 else slot.view(torch.float32)[0]
+        for i in table.strided:
+            table.tensors[i].mul_(coef)
+    return norm
+
+
+__all__ = ["PowerSums", "is_available", "power_sums", "scale_", "clamp_", "fused_norm",
+           "fused_clip_", "device_table", "host_table", "clear_cache", "launch_path"]

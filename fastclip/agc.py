@@ -1,0 +1,273 @@
+"""Unit-wise adaptive gradient clipping (AGC), in fused kernels over all tensors at once.
+
+AGC (Brock et al., 2021) clips each *unit* of a gradient relative to the norm of the matching
+unit of its weight. Units are the rows (slices along dim 0) of a weight of two or more dimensions
+-- a Linear weight's output rows, a conv weight's output filters -- and the whole tensor for
+vectors and scalars. For a unit with weight ``W`` and grad ``G``::
+
+    max_norm = clipping * max(||W||, eps)
+    if ||G|| > max_norm:  G *= max_norm / max(||G||, 1e-6)
+
+which is the formula of the paper's reference code (``deepmind-research/nfnets/optim.py``) and
+of timm's ``adaptive_clip_grad`` (which clips when ``||G|| >= max_norm``; at equality its
+factor is 1 or less than 1e-6 away from it).
+
+On the CPU and on CUDA, one call runs one fused pass (two when a unit is longer than a chunk)
+over a table of every parameter and grad: float64 norms, per-unit factors, and the scaling of
+the clipped rows, with no host synchronization on CUDA. Other devices run the same formula in
+torch ops.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import numpy as np
+import torch
+
+from fastclip import _cpu
+from fastclip import _validate as V
+from fastclip._table import DTYPE_CODES, is_dense
+from fastclip.kernels import agc as K
+
+_FN = "adaptive_grad_clip_"
+
+
+def _check_positive(value: object, arg: str, allow_zero: bool) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.device.type == "cpu":
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{_FN}: `{arg}` must be a real number, got {V._describe(value)}")
+    out = float(value)
+    if not math.isfinite(out) or out < 0 or (out == 0 and not allow_zero):
+        expected = "a finite number >= 0" if allow_zero else "a finite number > 0"
+        raise ValueError(f"{_FN}: `{arg}` must be {expected}, got {out!r}")
+    return out
+
+
+def _units(t: torch.Tensor) -> tuple[int, int]:
+    """(number of units, elements per unit) of a parameter of ``t``'s shape."""
+    if t.dim() < 2:
+        return (1, t.numel()) if t.numel() else (0, 0)
+    rows = t.shape[0]
+    return rows, (t.numel() // rows if rows else 0)
+
+
+def _units_are_blocks(t: torch.Tensor) -> bool:
+    """True when unit ``r`` is the ``row_len`` elements from ``data_ptr() + r * row_len``.
+
+    Contiguous tensors qualify; so do channels-last conv weights (each output filter is one
+    dense block, in another order inside -- a unit's norm and scaling do not care).
+    """
+    if t.is_contiguous():
+        return True
+    if t.dim() < 2 or t.shape[0] <= 1:
+        return is_dense(t)
+    return t.stride(0) == t.numel() // t.shape[0] and is_dense(t[0])
+
+
+def _pairs(parameters: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(parameter, grad) pairs to clip, validated before anything is written."""
+    pairs = []
+    for i, p in enumerate(parameters):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{_FN}: every element of `parameters` must be a torch.Tensor, "
+                            f"got {V._describe(p)} at index {i}")
+        g = p.grad
+        if g is None:
+            continue
+        if g.layout != torch.strided or p.layout != torch.strided:
+            raise ValueError(f"{_FN}: `parameters` holds a sparse (or other non-strided) parameter "
+                             f"or grad at index {i} (layout {g.layout}); AGC needs dense tensors")
+        if g.dtype not in DTYPE_CODES:
+            raise TypeError(f"{_FN}: `parameters` must hold float16, bfloat16, float32 or float64 "
+                            f"grads, got dtype {g.dtype} at index {i}")
+        if p.dtype != g.dtype or p.shape != g.shape or p.device != g.device:
+            raise ValueError(f"{_FN}: the grad at index {i} of `parameters` does not match its "
+                             f"parameter: {g.dtype} {tuple(g.shape)} on {g.device} vs "
+                             f"{p.dtype} {tuple(p.shape)} on {p.device}")
+        if not g.is_contiguous() and any(st == 0 and n > 1 for st, n in zip(g.stride(), g.shape)):
+            raise ValueError(f"{_FN}: the grad at index {i} of `parameters` overlaps itself "
+                             f"(an expanded tensor, strides {g.stride()}); it cannot be clipped "
+                             "in place")
+        if g.numel():
+            pairs.append((p.detach(), g))
+    return pairs
+
+
+class _Table:
+    """The kernels' view of (parameter, grad) pairs on one device.
+
+    A parameter or grad whose units are not dense blocks is read through a contiguous copy;
+    such a grad is written back through torch after the kernel (``finish``).
+    """
+
+    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.keep: list[torch.Tensor] = []
+        self.write_back: list[tuple[torch.Tensor, torch.Tensor]] = []
+        waddrs, gaddrs, codes, n_rows, row_len = [], [], [], [], []
+        for w, g in pairs:
+            if not _units_are_blocks(w):
+                w = w.contiguous()
+                self.keep.append(w)
+            if not _units_are_blocks(g):
+                copy = g.contiguous()
+                self.write_back.append((g, copy))
+                g = copy
+            rows, length = _units(g)
+            waddrs.append(w.data_ptr())
+            gaddrs.append(g.data_ptr())
+            codes.append(DTYPE_CODES[g.dtype])
+            n_rows.append(rows)
+            row_len.append(length)
+        self.waddrs = np.array(waddrs, dtype=np.int64)
+        self.gaddrs = np.array(gaddrs, dtype=np.int64)
+        self.codes = np.array(codes, dtype=np.int64)
+        self.n_rows = np.array(n_rows, dtype=np.int64)
+        self.row_len = np.array(row_len, dtype=np.int64)
+        self.numel = int((self.n_rows * self.row_len).sum())
+
+    def finish(self) -> None:
+        for g, copy in self.write_back:
+            g.copy_(copy)
+
+
+def _run_cpu(pairs, clipping: float, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    table = _Table(pairs)
+    # Each element is read twice (weight and grad): the same threshold as the norm kernels'.
+    parallel = 2 * table.numel >= _cpu.PARALLEL_MIN_ELEMENTS
+    n_groups = torch.get_num_threads() if parallel else 1
+    args = (table.waddrs, table.gaddrs, table.codes, table.n_rows, table.row_len, clipping, eps)
+    if parallel:
+        with _cpu._numba_threads():
+            sums = K.adaptive_clip(*args, n_groups=n_groups, parallel=True)
+    else:
+        sums = K.adaptive_clip(*args)
+    table.finish()
+    return sums
+
+
+_cuda_state: dict = {}
+
+
+def _cuda_kernels():
+    """``fastclip.kernels.agc_cuda`` when numba-cuda can launch here, else None (cached)."""
+    if "module" not in _cuda_state:
+        try:
+            from numba import cuda
+
+            from fastclip.kernels import agc_cuda
+
+            ok = cuda.is_available() and not agc_cuda.SIMULATOR
+        except Exception:  # numba-cuda missing or no driver: torch does the work
+            ok = False
+        _cuda_state["module"] = agc_cuda if ok else None
+    return _cuda_state["module"]
+
+
+def _run_cuda(kernels, pairs, device: torch.device, clipping: float, eps: float) -> torch.Tensor:
+    from numba import cuda
+
+    table = _Table(pairs)
+
+    def to_device(a: np.ndarray):
+        return cuda.as_cuda_array(torch.from_numpy(a).to(device, non_blocking=True), sync=False)
+
+    out = []
+
+    def zeros(n: int):
+        out.append(torch.zeros(n, dtype=torch.float64, device=device))
+        return cuda.as_cuda_array(out[-1], sync=False)
+
+    with cuda.gpus[device.index if device.index is not None else torch.cuda.current_device()]:
+        stream = cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
+        kernels.run_agc(table.waddrs, table.gaddrs, table.codes, table.n_rows, table.row_len,
+                        clipping, eps, to_device, zeros, stream)
+    table.finish()
+    return out[0]
+
+
+def _run_torch(pairs, clipping: float, eps: float) -> None:
+    """The same formula in torch ops, for devices without a kernel (float64 where supported)."""
+    for w, g in pairs:
+        acc = torch.float64 if g.device.type in ("cpu", "cuda") else torch.float32
+        dims = tuple(range(1, g.dim())) if g.dim() >= 2 else None
+        w_norm = torch.linalg.vector_norm(w, dim=dims, keepdim=dims is not None, dtype=acc)
+        g_norm = torch.linalg.vector_norm(g, dim=dims, keepdim=dims is not None, dtype=acc)
+        max_norm = torch.maximum(w_norm, torch.full_like(w_norm, eps)) * clipping  # NaN wins
+        coef = torch.where(g_norm > max_norm, max_norm / g_norm.clamp(min=K.GRAD_NORM_FLOOR),
+                           torch.ones_like(g_norm))
+        g.mul_(coef.to(torch.float64 if g.dtype == torch.float64 else torch.float32))
+
+
+@torch.no_grad()
+def adaptive_grad_clip_(
+    parameters: V.TensorOrTensors,
+    clipping: float = 0.01,
+    eps: float = 1e-3,
+) -> None:
+    """Clip every unit of every grad relative to its weight's unit norm (AGC), in place.
+
+    For each unit (a row of a weight of two or more dimensions, the whole tensor for 1-D and 0-d
+    parameters) with weight ``W`` and grad ``G``: ``max_norm = clipping * max(||W||, eps)``, and
+    when ``||G|| > max_norm`` the unit's grad is multiplied by ``max_norm / max(||G||, 1e-6)``.
+    Norms are accumulated in float64; the multiply rounds like torch's ``grad.mul_(factor)``.
+    Units whose grad or weight norm is NaN are left as they are; a unit with an infinite grad
+    norm gets the factor 0 (its inf elements become NaN), as in the reference implementation.
+
+    One fused kernel call covers all tensors (on the CPU and on CUDA); every argument is
+    checked first, so a call that raises changes no grad.
+
+    Args:
+        parameters: a tensor, or an iterable of tensors, whose ``.grad`` are clipped (weights
+            whose ``.grad`` is None are skipped). Apply AGC to the weights you want clipped:
+            the paper leaves the final classifier layer out.
+        clipping: the clipping threshold λ (> 0): a unit's grad norm may reach ``clipping``
+            times its weight norm. The paper uses 0.01 to 0.16 depending on batch size.
+        eps: the floor under a weight's unit norm (>= 0), so that zero-initialized weights
+            can still move.
+
+    Raises:
+        TypeError: an element of ``parameters`` is not a tensor, a grad is not a 16-, 32- or
+            64-bit float, or ``clipping``/``eps`` is not a number.
+        ValueError: ``clipping`` or ``eps`` is out of range, or a grad is sparse or does not
+            match its parameter.
+
+    Example:
+        >>> import torch, fastclip
+        >>> w = torch.nn.Parameter(torch.tensor([[3.0, 4.0], [0.0, 1.0]]))
+        >>> w.grad = torch.tensor([[1.0, 0.0], [0.0, 0.001]])
+        >>> fastclip.adaptive_grad_clip_([w], clipping=0.01)
+        >>> w.grad  # row 0: ||G|| = 1 > 0.01 * 5, scaled to norm 0.05; row 1 is within 0.01 * 1
+        tensor([[0.0500, 0.0000],
+                [0.0000, 0.0010]])
+
+    References:
+        A. Brock, S. De, S. L. Smith, K. Simonyan. "High-Performance Large-Scale Image
+        Recognition Without Normalization", ICML 2021 (arXiv:2102.06171), section 4.1.
+    """
+    parameters = V.as_list(parameters, _FN, "parameters")
+    clipping = _check_positive(clipping, "clipping", allow_zero=False)
+    eps = _check_positive(eps, "eps", allow_zero=True)
+    pairs = _pairs(parameters)
+    if not pairs:
+        return
+    by_device: dict[torch.device, list] = {}
+    for pair in pairs:
+        by_device.setdefault(pair[1].device, []).append(pair)
+    for device, members in by_device.items():
+        kernels: Optional[object] = None
+        if device.type == "cpu":
+            _run_cpu(members, clipping, eps)
+            continue
+        if device.type == "cuda":
+            kernels = _cuda_kernels()
+        if kernels is not None:
+            _run_cuda(kernels, members, device, clipping, eps)
+        else:
+            _run_torch(members, clipping, eps)
+
+
+__all__ = ["adaptive_grad_clip_"]

@@ -1,0 +1,7 @@
+"""``python -m fastclip.bench``."""
+
+import sys
+
+from fastclip.bench import main
+
+sys.exit(main())

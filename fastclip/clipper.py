@@ -1,0 +1,373 @@
+"""``GradClipper``: a stateful gradient clipper for a training loop.
+
+One ``step()`` is one fused read pass (the total norm) and, when the grads are clipped, one fused
+write pass -- the same two passes as ``fastclip.clip_grad_norm_``. The threshold (fixed, or from
+an adaptive policy), the non-finite handling and the history for ``summary()`` are tensor ops on
+the grads' device: on CUDA, a step never waits for the GPU (except ``nonfinite="error"``, which
+must read the norm to raise).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Iterable, Optional, Sequence, Union
+
+import torch
+import torch.nn.utils.clip_grad as _torch_clip
+
+from fastclip import _validate as V
+from fastclip._plan import Plan
+from fastclip._table import is_dense
+from fastclip.clip_grad import clip_coefficient
+from fastclip.policies import AutoClip, ClipPolicy, ZClip, policy_from_config
+
+NONFINITE_MODES = ("propagate", "error", "skip", "zero")
+_STATE_VERSION = 1
+_TORCH_GET_TOTAL_NORM = _torch_clip._get_total_norm
+
+
+class GradClipper:
+    """Clip the grads of a fixed set of parameters, step after step, with a fixed or adaptive
+    threshold.
+
+    Each ``step()`` computes the total norm of the grads (float64 accumulation, as
+    ``fastclip.clip_grad_norm_``), picks this step's threshold, and scales the grads exactly as
+    ``torch.nn.utils.clip_grad_norm_(parameters, threshold)`` would: by
+    ``min(threshold / (norm + 1e-6), 1)``, with no write at all when that is 1.
+
+    Args:
+        parameters: the parameters whose ``.grad`` are clipped (read once, like an optimizer's).
+        max_norm: the fixed threshold when ``policy`` is None. With a policy it caps the
+            policy's threshold (and is ZClip's threshold during its warmup, like the reference
+            implementation's ``max_grad_norm``); ``None`` means no cap.
+        norm_type: p of the p-norm (> 0, or ``inf``/``'inf'``).
+        policy: None for a fixed threshold, ``fastclip.AutoClip(...)`` or ``fastclip.ZClip(...)``.
+        nonfinite: what to do when the norm is inf or NaN:
+
+            - ``"propagate"``: torch's behaviour (the grads are scaled by the non-finite
+              coefficient, so they become NaN or 0);
+            - ``"error"``: raise ``RuntimeError`` before any grad changes (reads the norm back
+              to the host: one synchronization per step on CUDA);
+            - ``"skip"``: leave the grads untouched, and set ``skipped`` so that the caller can
+              skip the optimizer step;
+            - ``"zero"``: set every grad to zero.
+
+            A non-finite norm never enters a policy's history.
+        window: how many recent steps ``summary()`` takes the norm's percentiles over
+            (keyword-only).
+
+    Attributes:
+        skipped: 0-d bool tensor on the grads' device: True when the last step's norm was
+            non-finite and ``nonfinite="skip"`` left the grads untouched. Reading it (``if
+            clipper.skipped:``) synchronizes with the GPU.
+        found_nonfinite: 0-d bool tensor: the last step's norm was inf or NaN (any mode).
+        threshold: 0-d tensor: the threshold the last step used.
+        steps: number of steps taken (a Python int).
+
+    Example:
+        >>> import torch, fastclip
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> clipper = fastclip.GradClipper(model.parameters(), max_norm=1.0,
+        ...                                policy=fastclip.ZClip(), nonfinite="skip")
+        >>> for _ in range(3):
+        ...     opt.zero_grad()
+        ...     model(torch.randn(8, 4)).pow(2).sum().backward()
+        ...     norm = clipper.step()
+        ...     if not clipper.skipped:
+        ...         opt.step()
+        >>> clipper.summary()["steps"]
+        3
+    """
+
+    def __init__(
+        self,
+        parameters: Union[torch.Tensor, Iterable[torch.Tensor]],
+        max_norm: Optional[float] = 1.0,
+        norm_type: Union[float, str] = 2.0,
+        policy: Optional[ClipPolicy] = None,
+        nonfinite: str = "propagate",
+        *,
+        window: int = 1000,
+    ) -> None:
+        fn = "GradClipper"
+        params = V.as_list(parameters, fn, "parameters")
+        for i, p in enumerate(params):
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"{fn}: every element of `parameters` must be a torch.Tensor, "
+                                f"got {V._describe(p)} at index {i}")
+        self.params = params
+        self.max_norm = _check_cap(max_norm)
+        self.norm_type = V.check_norm_type(norm_type, fn)
+        if policy is not None and not isinstance(policy, ClipPolicy):
+            hint = " (pass a fixed threshold as `max_norm`)" if isinstance(policy, numbers.Real) \
+                else ""
+            raise TypeError(f"{fn}: `policy` must be None, fastclip.AutoClip(...) or "
+                            f"fastclip.ZClip(...), got {V._describe(policy)}{hint}")
+        if policy is None and self.max_norm == math.inf:
+            raise ValueError(f"{fn}: `max_norm` is the fixed threshold when `policy` is None, "
+                             "so it must be a number, got None")
+        self.policy = policy
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"{fn}: `nonfinite` must be one of {', '.join(map(repr, NONFINITE_MODES))}, "
+                             f"got {nonfinite!r}")
+        self.nonfinite = nonfinite
+        if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
+            raise ValueError(f"{fn}: `window` must be an integer >= 1, got {window!r}")
+        self.window = int(window)
+        self.steps = 0
+        self._state: Optional[dict[str, torch.Tensor]] = None
+        self._policy_state: Optional[dict[str, torch.Tensor]] = None
+        self.skipped = torch.tensor(False)
+        self.found_nonfinite = torch.tensor(False)
+        self.threshold = torch.tensor(self.max_norm)
+
+    # --- the step ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> torch.Tensor:
+        """Clip the grads once; return their total norm before clipping (a 0-d tensor).
+
+        Returns ``tensor(0.)`` and records nothing when no parameter has a grad.
+
+        Raises:
+            RuntimeError: the norm is inf or NaN and ``nonfinite="error"`` (no grad changed, and
+                the clipper's state is as before the call).
+        """
+        fn = "GradClipper.step"
+        grads = V.grads_of(self.params, fn)
+        if not grads:
+            return torch.tensor(0.0)
+        plan = Plan.build(grads, fn, "parameters")
+        if plan is not None:
+            norm = plan.total_norm(self.norm_type)
+        else:
+            norm = _TORCH_GET_TOTAL_NORM(grads, self.norm_type, False, None)
+        finite = torch.isfinite(norm)
+        if self.nonfinite == "error" and not bool(finite):
+            raise RuntimeError(
+                f"{fn}: the total norm of order {self.norm_type} of the gradients is {float(norm)}, "
+                "so it cannot be clipped (nonfinite='error'); no gradient was changed")
+
+        state = self._ensure_state(norm.device)
+        max_norm, threshold = self._threshold(norm, finite)
+        coef = clip_coefficient(max_norm, norm) if isinstance(max_norm, float) else \
+            _coefficient(max_norm, norm)
+        if self.nonfinite in ("skip", "zero"):
+            coef = torch.where(finite, coef, torch.ones_like(coef))  # no write pass at all
+        if plan is not None:
+            plan.scale_(coef)
+        else:
+            for g in grads:
+                g.mul_(coef.to(g.device))
+        if self.nonfinite == "zero":
+            _zero_if_nonfinite(grads, finite)
+
+        slot = self.steps % self.window
+        state["norms"][slot] = torch.where(finite, norm.to(torch.float64), math.nan)
+        state["clipped"] += (finite & (coef < 1.0)).to(torch.int64)
+        state["nonfinite"] += (~finite).to(torch.int64)
+        self.found_nonfinite = ~finite
+        self.skipped = self.found_nonfinite if self.nonfinite == "skip" else state["false"]
+        self.threshold = threshold
+        self.steps += 1
+        return norm
+
+    def _threshold(self, norm: torch.Tensor, finite: torch.Tensor):
+        """``(max_norm, threshold)``: what the coefficient is computed from, and it as a tensor.
+
+        A fixed threshold stays a Python float, so the coefficient is bit for bit the one of
+        ``clip_grad_norm_(parameters, max_norm)``; a policy's is a 0-d tensor in the norm's dtype.
+        """
+        cap = self.max_norm
+        if self.policy is None:
+            fixed = self._state["fixed"]
+            if fixed.dtype != norm.dtype:
+                fixed = self._state["fixed"] = fixed.to(norm.dtype)
+            return cap, fixed
+        value = self.policy.threshold(self._policy_state, self.steps, norm.to(torch.float64), finite)
+        value = torch.where(value.isnan(), cap, torch.clamp(value, max=cap)).to(norm.dtype)
+        return value, value
+
+    def _ensure_state(self, device: torch.device) -> dict[str, torch.Tensor]:
+        if self._state is None:
+            self._state = {
+                "norms": torch.full((self.window,), math.nan, dtype=torch.float64, device=device),
+                "clipped": torch.zeros((), dtype=torch.int64, device=device),
+                "nonfinite": torch.zeros((), dtype=torch.int64, device=device),
+                "fixed": torch.full((), self.max_norm, dtype=torch.float64, device=device),
+                "false": torch.zeros((), dtype=torch.bool, device=device),
+            }
+            if self.policy is not None:
+                self._policy_state = self.policy.init_state(device)
+        elif self._state["norms"].device != device:  # the model moved: the history follows it
+            self._state = {k: v.to(device) for k, v in self._state.items()}
+            if self._policy_state is not None:
+                self._policy_state = {k: v.to(device) for k, v in self._policy_state.items()}
+        return self._state
+
+    # --- reporting ---------------------------------------------------------------------------
+
+    def summary(self, percentiles: Sequence[float] = (0, 5, 25, 50, 75, 95, 100)) -> dict:
+        """Statistics of the steps so far (reads them back to the host: not for every step).
+
+        Args:
+            percentiles: the percentiles of the norm to report, in [0, 100].
+
+        Returns:
+            A dict: ``steps``; ``clipped_steps`` and ``clipped_fraction`` (steps whose grads
+            were scaled down, over all steps); ``nonfinite_steps``; ``norm_percentiles``
+            (percentile -> norm, over the finite norms of the last ``window`` steps; NaN when
+            there are none); ``threshold`` (the last step's, or None before the first step).
+        """
+        qs = [float(q) for q in percentiles]
+        for q in qs:
+            if not 0.0 <= q <= 100.0:
+                raise ValueError(f"GradClipper.summary: `percentiles` must be in [0, 100], got {q!r}")
+        if self._state is None:
+            return {"steps": 0, "clipped_steps": 0, "clipped_fraction": 0.0, "nonfinite_steps": 0,
+                    "norm_percentiles": {q: math.nan for q in qs}, "threshold": None}
+        norms = self._state["norms"]
+        values = torch.nanquantile(norms, torch.tensor([q / 100.0 for q in qs], dtype=torch.float64,
+                                                       device=norms.device)) if qs else norms[:0]
+        host = torch.cat([values, torch.stack([self._state["clipped"].double(),
+                                               self._state["nonfinite"].double(),
+                                               self.threshold.double().to(norms.device)])]).tolist()
+        clipped, nonfinite, threshold = int(host[-3]), int(host[-2]), host[-1]
+        return {
+            "steps": self.steps,
+            "clipped_steps": clipped,
+            "clipped_fraction": clipped / self.steps if self.steps else 0.0,
+            "nonfinite_steps": nonfinite,
+            "norm_percentiles": dict(zip(qs, host[:len(qs)])),
+            "threshold": threshold,
+        }
+
+    # --- checkpoints -------------------------------------------------------------------------
+
+    def _config(self) -> dict:
+        return {"max_norm": self.max_norm, "norm_type": self.norm_type, "nonfinite": self.nonfinite,
+                "window": self.window,
+                "policy": None if self.policy is None else self.policy.config()}
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs to clip exactly as an uninterrupted one.
+
+        The tensors are copies, on the device they live on; ``torch.save`` them with the model's
+        checkpoint.
+        """
+        clone = (lambda d: None if d is None else {k: v.clone() for k, v in d.items()})
+        return {"version": _STATE_VERSION, "config": self._config(), "steps": self.steps,
+                "state": clone(self._state), "policy_state": clone(self._policy_state),
+                "threshold": self.threshold.clone()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore ``state_dict()``; the clipper must be configured as the one that saved it.
+
+        Raises:
+            ValueError: the checkpoint comes from a clipper with other arguments (``max_norm``,
+                ``norm_type``, ``nonfinite``, ``window`` or ``policy``), or is not a
+                ``GradClipper`` state.
+        """
+        fn = "GradClipper.load_state_dict"
+        if not isinstance(state_dict, dict) or state_dict.get("version") != _STATE_VERSION:
+            raise ValueError(f"{fn}: `state_dict` is not a GradClipper state (version "
+                             f"{_STATE_VERSION}), got {V._describe(state_dict)}")
+        saved = dict(state_dict["config"])
+        if saved.get("policy") is not None:
+            saved["policy"] = policy_from_config(saved["policy"]).config()
+        mine = self._config()
+        if saved != mine:
+            diff = ", ".join(f"{k}: saved {saved.get(k)!r}, here {mine[k]!r}"
+                             for k in mine if saved.get(k) != mine[k])
+            raise ValueError(f"{fn}: `state_dict` comes from a clipper configured differently ({diff})")
+        copy = (lambda d: None if d is None else {k: v.clone() for k, v in d.items()})
+        self._state = copy(state_dict["state"])
+        self._policy_state = copy(state_dict["policy_state"])
+        self.steps = int(state_dict["steps"])
+        self.threshold = state_dict["threshold"].clone()
+        device = self.threshold.device
+        self.skipped = torch.zeros((), dtype=torch.bool, device=device)
+        self.found_nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+
+    def __repr__(self) -> str:
+        policy = "fixed" if self.policy is None else repr(self.policy)
+        return (f"GradClipper(max_norm={self.max_norm}, norm_type={self.norm_type}, policy={policy}, "
+                f"nonfinite={self.nonfinite!r}, steps={self.steps})")
+
+
+def _coefficient(threshold: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """torch's coefficient for a threshold held in a 0-d tensor, without reading it.
+
+    torch's ``clip_grad_norm_`` turns ``max_norm`` into a Python float, and ``float / tensor``
+    is ``tensor.reciprocal() * float``: written so here, the coefficient is bit for bit the one
+    torch computes for ``max_norm=float(threshold)``, on any device.
+    """
+    return torch.clamp((norm + 1e-6).reciprocal() * threshold, max=1.0)
+
+
+def _check_cap(max_norm: object) -> float:
+    if max_norm is None:
+        return math.inf
+    if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real):
+        raise TypeError(f"GradClipper: `max_norm` must be a real number or None, "
+                        f"got {V._describe(max_norm)}")
+    value = float(max_norm)
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"GradClipper: `max_norm` must be a non-negative number, got {value!r}")
+    return value
+
+
+def _zero_if_nonfinite(grads: list[torch.Tensor], finite: torch.Tensor) -> None:
+    """Zero every grad when ``finite`` is False, without reading it back from a GPU.
+
+    On the CPU the flag is read (free). On CUDA a kernel reads the flag on the device and returns
+    at once when it is set; other devices read the flag back.
+    """
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for g in grads:
+        by_device.setdefault(g.device, []).append(g)
+    host_flag: Optional[bool] = None
+    for device, members in by_device.items():
+        if device.type == "cuda":
+            from fastclip.agc import _cuda_kernels
+
+            kernels = _cuda_kernels()
+            if kernels is not None:
+                _zero_cuda(kernels, members, device, finite)
+                continue
+        if host_flag is None:
+            host_flag = bool(finite)
+        if not host_flag:
+            for g in members:
+                g.zero_()
+
+
+def _zero_cuda(kernels, grads: list[torch.Tensor], device: torch.device, finite: torch.Tensor) -> None:
+    import numpy as np
+    from numba import cuda
+
+    from fastclip._table import DTYPE_CODES
+
+    flag_t = (~finite).to(device=device, dtype=torch.int32).reshape(1)
+    dense = [g for g in grads if is_dense(g)]
+    for g in grads:
+        if not is_dense(g):  # a sliced view: torch writes it (a pass over that grad only)
+            g.masked_fill_(flag_t.bool().reshape(()), 0.0)
+    if not dense:
+        return
+    addrs = np.array([g.data_ptr() for g in dense], dtype=np.int64)
+    codes = np.array([DTYPE_CODES[g.dtype] for g in dense], dtype=np.int64)
+    lengths = np.array([g.numel() for g in dense], dtype=np.int64)
+    with cuda.gpus[device.index if device.index is not None else torch.cuda.current_device()]:
+        stream = cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
+        flag = cuda.as_cuda_array(flag_t, sync=False)
+
+        def to_device(a):
+            return cuda.as_cuda_array(torch.from_numpy(a).to(device, non_blocking=True), sync=False)
+
+        kernels.run_zero_if(flag, addrs, codes, lengths, to_device, stream)
+
+
+__all__ = ["GradClipper", "AutoClip", "ZClip", "NONFINITE_MODES"]

@@ -1,0 +1,206 @@
+"""Adaptive clipping thresholds for ``GradClipper``: ``AutoClip`` and ``ZClip``.
+
+A policy is a small frozen configuration. Its running state lives in a dict of tensors on the
+grads' device that ``GradClipper`` owns (so one policy object may serve several clippers), and
+every update is a handful of tensor ops: no value is read back to the host, so a CUDA training
+loop is never synchronized by the threshold.
+
+Both policies see the total norm of each step as a float64 0-d tensor and a 0-d bool ``finite``;
+a step whose norm is inf or NaN never enters a policy's history.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import asdict, dataclass
+
+import torch
+
+NAN = float("nan")
+
+
+def _check_number(value: object, owner: str, arg: str, low: float, high: float,
+                  low_open: bool = False, high_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: `{arg}` must be a real number, got {value!r} of type "
+                        f"{type(value).__name__}")
+    out = float(value)
+    below = out <= low if low_open else out < low
+    above = out >= high if high_open else out > high
+    if math.isnan(out) or below or above:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        raise ValueError(f"{owner}: `{arg}` must be in {lo}{low}, {high}{hi}, got {out!r}")
+    return out
+
+
+def _check_count(value: object, owner: str, arg: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{owner}: `{arg}` must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+class ClipPolicy:
+    """Base class of adaptive thresholds (see ``AutoClip`` and ``ZClip``)."""
+
+    def init_state(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Fresh running state, as tensors on ``device``."""
+        raise NotImplementedError
+
+    def threshold(self, state: dict[str, torch.Tensor], step: int, norm: torch.Tensor,
+                  finite: torch.Tensor) -> torch.Tensor:
+        """Update ``state`` with this step's ``norm``; return this step's float64 threshold.
+
+        ``step`` counts the clipper's steps from 0. The threshold may be NaN (no history yet) or
+        inf (no clipping); ``GradClipper`` then falls back to its ``max_norm``.
+        """
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        """The policy's arguments, for checkpoints."""
+        return {"name": type(self).__name__, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class AutoClip(ClipPolicy):
+    """Clip to a percentile of the norms seen so far (AutoClip).
+
+    Each step's norm joins the history first, then the threshold is the ``percentile``-th
+    percentile of the history (linear interpolation, as ``numpy.percentile``): with the default
+    10, about 90% of steps are clipped, gently. The history is the last ``history`` steps (a
+    ring buffer on the grads' device; the paper keeps every step).
+
+    Args:
+        percentile: in [0, 100].
+        history: how many recent steps the percentile is taken over (>= 1).
+
+    Example:
+        >>> import torch, fastclip
+        >>> model = torch.nn.Linear(4, 2)
+        >>> clipper = fastclip.GradClipper(model.parameters(), max_norm=None,
+        ...                                policy=fastclip.AutoClip(percentile=10))
+
+    References:
+        P. Seetharaman, G. Wichern, B. Pardo, J. Le Roux. "AutoClip: Adaptive Gradient Clipping
+        for Source Separation Networks", IEEE MLSP 2020 (arXiv:2007.14469).
+    """
+
+    percentile: float = 10.0
+    history: int = 1000
+
+    def __post_init__(self):
+        object.__setattr__(self, "percentile",
+                           _check_number(self.percentile, "AutoClip", "percentile", 0.0, 100.0))
+        object.__setattr__(self, "history", _check_count(self.history, "AutoClip", "history"))
+
+    def init_state(self, device):
+        return {"norms": torch.full((self.history,), NAN, dtype=torch.float64, device=device)}
+
+    def threshold(self, state, step, norm, finite):
+        norms = state["norms"]
+        norms[step % self.history] = torch.where(finite, norm, NAN)
+        return torch.nanquantile(norms, self.percentile / 100.0)
+
+
+@dataclass(frozen=True)
+class ZClip(ClipPolicy):
+    """Clip norm spikes by their z-score against an EMA of the norm (ZClip).
+
+    The first ``warmup`` finite norms are collected and give the initial mean and (population)
+    variance; no spike is clipped before. Then, for each norm ``g`` with ``std = sqrt(var)`` and
+    ``z = (g - mean) / (std + 1e-6)``:
+
+    - if ``z > z_thresh`` (a spike), the threshold is ``mean + z_thresh**2 * std / z`` (the
+      paper's *adaptive scaling*: the larger the spike, the harder it is clipped), and the EMA is
+      updated with that threshold instead of the spike;
+    - otherwise the step is not clipped by ZClip, and the EMA is updated with ``g``.
+
+    The EMA update is ``mean = alpha * mean + (1 - alpha) * v``, then
+    ``var = alpha * var + (1 - alpha) * (v - mean)**2`` with the updated mean, as in the
+    reference implementation. ``GradClipper``'s ``max_norm`` still caps the threshold (it is
+    the only threshold during warmup), like the reference's ``max_grad_norm``.
+
+    Args:
+        alpha: EMA smoothing factor, in (0, 1).
+        z_thresh: z-score above which a norm is a spike (> 0).
+        warmup: finite steps collected before the EMA starts (>= 1).
+
+    Example:
+        >>> import torch, fastclip
+        >>> model = torch.nn.Linear(4, 2)
+        >>> clipper = fastclip.GradClipper(model.parameters(), max_norm=None,
+        ...                                policy=fastclip.ZClip(alpha=0.97, z_thresh=2.5))
+
+    References:
+        A. Kumar, L. Owen, N. R. Chowdhury, F. Güra. "ZClip: Adaptive Spike Mitigation for LLM
+        Pre-Training", 2025 (arXiv:2504.02507); reference code: github.com/bluorion-com/ZClip
+        (``mode="zscore"``, ``clip_option="adaptive_scaling"``, ``clip_factor=1``).
+    """
+
+    alpha: float = 0.97
+    z_thresh: float = 2.5
+    warmup: int = 25
+
+    EPS = 1e-6  # added to std in the z-score, as in the reference implementation
+
+    def __post_init__(self):
+        object.__setattr__(self, "alpha", _check_number(self.alpha, "ZClip", "alpha", 0.0, 1.0,
+                                                        low_open=True, high_open=True))
+        object.__setattr__(self, "z_thresh", _check_number(self.z_thresh, "ZClip", "z_thresh",
+                                                           0.0, math.inf, low_open=True,
+                                                           high_open=True))
+        object.__setattr__(self, "warmup", _check_count(self.warmup, "ZClip", "warmup"))
+
+    def init_state(self, device):
+        f64 = dict(dtype=torch.float64, device=device)
+        return {
+            "count": torch.zeros((), dtype=torch.int64, device=device),  # finite norms seen
+            "warm": torch.zeros((self.warmup,), **f64),
+            "mean": torch.zeros((), **f64),
+            "var": torch.zeros((), **f64),
+        }
+
+    def threshold(self, state, step, norm, finite):
+        count, mean, var = state["count"], state["mean"], state["var"]
+        ready = count >= self.warmup
+        std = var.sqrt()
+        z = (norm - mean) / (std + self.EPS)
+        spike = ready & finite & (z > self.z_thresh)
+        # The reference's order of operations: eta = z / z_thresh; mean + (z_thresh * std) / eta.
+        adaptive = mean + (self.z_thresh * std) / (z / self.z_thresh)
+        value = torch.where(spike, adaptive, norm)
+        new_mean = self.alpha * mean + (1.0 - self.alpha) * value
+        dev = value - new_mean
+        new_var = self.alpha * var + (1.0 - self.alpha) * (dev * dev)
+        update = ready & finite
+
+        # Warmup: collect finite norms; the step that completes the set initializes the EMA.
+        collect = ~ready & finite
+        warm = state["warm"]
+        slot = count.clamp(max=self.warmup - 1).reshape(1)
+        warm.scatter_(0, slot, torch.where(collect, norm, warm.gather(0, slot)))
+        count = count + collect.to(torch.int64)
+        done = collect & (count == self.warmup)
+        # Sequential sums (cumsum), so the initial moments are those of a plain Python loop.
+        init_mean = warm.cumsum(0)[-1] / self.warmup
+        init_dev = warm - init_mean
+        init_var = (init_dev * init_dev).cumsum(0)[-1] / self.warmup
+
+        state["count"] = count
+        state["mean"] = torch.where(done, init_mean, torch.where(update, new_mean, mean))
+        state["var"] = torch.where(done, init_var, torch.where(update, new_var, var))
+        return torch.where(spike, adaptive, torch.inf)
+
+
+def policy_from_config(config: dict) -> ClipPolicy:
+    """Rebuild a policy from ``ClipPolicy.config()``."""
+    kinds = {"AutoClip": AutoClip, "ZClip": ZClip}
+    args = dict(config)
+    kind = kinds.get(args.pop("name", None))
+    if kind is None:
+        raise ValueError(f"unknown clipping policy in checkpoint: {config!r}")
+    return kind(**args)
+
+
+__all__ = ["ClipPolicy", "AutoClip", "ZClip", "policy_from_config"]

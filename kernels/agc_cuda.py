@@ -1,0 +1,417 @@
+"""numba-cuda kernels for unit-wise adaptive gradient clipping, and a flag-gated zeroing kernel.
+
+The AGC kernels follow ``agc.py``'s design (same chunks, same per-unit formula, float64
+accumulation), mapped to blocks:
+
+- ``agc_rows``: one block per chunk. For a chunk of whole rows, the block splits into groups of
+  ``lanes`` threads (a power of two picked from the row length); each group reduces one row's
+  sums of squares in shared memory, computes the unit's factor, and scales the row at once.
+  For a piece of a long row, the whole block reduces the piece into ``piece_w``/``piece_g``.
+- ``agc_pieces``: one block per piece: adds its row's partials in a fixed order, then scales
+  itself. Launched only when some row is longer than a chunk.
+
+Reductions are fixed trees over shared memory (no atomics), so results are bitwise reproducible.
+
+``zero_if_flag`` zeroes every element of a tensor table when a device flag is set, and returns at
+once otherwise: ``GradClipper(nonfinite="zero")`` uses it to zero non-finite grads without reading
+the flag back to the host.
+
+Everything runs unchanged in numba's simulator (``NUMBA_ENABLE_CUDASIM=1``), where intrinsics do
+not exist: the few device primitives (address -> pointer, 16-bit decode/encode) are swapped for
+numpy equivalents at import. The host-side drivers (``run_agc``, ``run_zero_if``) take the
+device-array maker and the stream as arguments, so tests drive them with numpy arrays.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+
+import numpy as np
+from numba import cuda, types
+
+from .agc import GRAD_NORM_FLOOR, build_agc_chunks
+from .layout import DEFAULT_CHUNK_SIZE, FLOAT16, FLOAT32, FLOAT64, build_chunk_table
+
+SIMULATOR = bool(cuda.config.ENABLE_CUDASIM)
+# Threads per block (a power of two; every reduction tree assumes it). The simulator runs each
+# thread as a Python thread, so it gets small blocks: the logic is the same for any power of two.
+BLOCK = 32 if SIMULATOR else 256
+
+# --- device primitives -----------------------------------------------------------------------
+
+if SIMULATOR:
+    _SPAN = 1 << 31  # a view's nominal length: the kernels index within their tensors only
+
+    def _view(ctype):
+        array_type = ctype * _SPAN
+        return lambda addr: np.ctypeslib.as_array(array_type.from_address(int(addr)))
+
+    f32_ptr = _view(ctypes.c_float)
+    f64_ptr = _view(ctypes.c_double)
+    u16_ptr = _view(ctypes.c_uint16)
+
+    def half_to_f32(bits):
+        return np.float32(np.uint16(bits).view(np.float16))
+
+    def f32_to_half(value):
+        return np.float32(value).astype(np.float16).view(np.uint16)
+
+    def u32_as_f32(bits):
+        return np.uint32(bits).view(np.float32)
+
+    def f32_as_u32(value):
+        return np.float32(value).view(np.uint32)
+
+    _device = lambda fn: fn  # noqa: E731  (plain Python functions run in the simulator)
+else:
+    from llvmlite import ir
+    from numba.cuda.extending import intrinsic
+
+    def _pointer(element):
+        @intrinsic
+        def as_pointer(typingctx, addr):
+            sig = types.CPointer(element)(types.int64)
+
+            def codegen(context, builder, signature, args):
+                return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+            return sig, codegen
+
+        return as_pointer
+
+    f32_ptr = _pointer(types.float32)
+    f64_ptr = _pointer(types.float64)
+    u16_ptr = _pointer(types.uint16)
+
+    @intrinsic
+    def half_to_f32(typingctx, bits):
+        sig = types.float32(types.uint16)
+
+        def codegen(context, builder, signature, args):
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+        return sig, codegen
+
+    @intrinsic
+    def f32_to_half(typingctx, value):
+        # fptrunc rounds to nearest even (cvt.rn.f16.f32), like torch's float -> half.
+        sig = types.uint16(types.float32)
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+        return sig, codegen
+
+    @intrinsic
+    def u32_as_f32(typingctx, bits):
+        sig = types.float32(types.uint32)
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.FloatType())
+
+        return sig, codegen
+
+    @intrinsic
+    def f32_as_u32(typingctx, value):
+        sig = types.uint32(types.float32)
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.IntType(32))
+
+        return sig, codegen
+
+    _device = cuda.jit(device=True)
+
+
+@_device
+def bf16_to_f32(bits):
+    return u32_as_f32(np.uint32(bits) << np.uint32(16))
+
+
+@_device
+def f32_to_bf16(value):
+    # Round to nearest even with a NaN guard: bit-identical to torch's float -> bfloat16.
+    if value != value:
+        return np.uint16(0x7FC0)
+    u = f32_as_u32(value)
+    bias = ((u >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF)
+    return np.uint16((u + bias) >> np.uint32(16))
+
+
+@_device
+def unit_coef(w_sq, g_sq, clipping, eps):
+    """Same formula as ``agc.unit_coef``: 1.0 when the unit is not clipped."""
+    w_norm = math.sqrt(w_sq)
+    g_norm = math.sqrt(g_sq)
+    floor = w_norm if (w_norm >= eps or w_norm != w_norm) else eps
+    max_norm = clipping * floor
+    if g_norm > max_norm:
+        return max_norm / max(g_norm, GRAD_NORM_FLOOR)
+    return 1.0
+
+
+@_device
+def pair_sums(waddr, gaddr, code, start, stop, step):
+    """Float64 sums of squares of weight and grad elements ``start, start + step, ... < stop``."""
+    ws = 0.0
+    gs = 0.0
+    if code == FLOAT32:
+        w = f32_ptr(waddr)
+        g = f32_ptr(gaddr)
+        for j in range(start, stop, step):
+            a = np.float64(w[j])
+            b = np.float64(g[j])
+            ws += a * a
+            gs += b * b
+    elif code == FLOAT64:
+        w64 = f64_ptr(waddr)
+        g64 = f64_ptr(gaddr)
+        for j in range(start, stop, step):
+            ws += w64[j] * w64[j]
+            gs += g64[j] * g64[j]
+    elif code == FLOAT16:
+        wh = u16_ptr(waddr)
+        gh = u16_ptr(gaddr)
+        for j in range(start, stop, step):
+            a = np.float64(half_to_f32(wh[j]))
+            b = np.float64(half_to_f32(gh[j]))
+            ws += a * a
+            gs += b * b
+    else:
+        wb = u16_ptr(waddr)
+        gb = u16_ptr(gaddr)
+        for j in range(start, stop, step):
+            a = np.float64(bf16_to_f32(wb[j]))
+            b = np.float64(bf16_to_f32(gb[j]))
+            ws += a * a
+            gs += b * b
+    return ws, gs
+
+
+@_device
+def scale_strided(gaddr, code, start, stop, step, coef):
+    # float32(coef) for 32- and 16-bit grads: the arithmetic of torch's grad.mul_(coef).
+    c32 = np.float32(coef)
+    if code == FLOAT32:
+        x = f32_ptr(gaddr)
+        for j in range(start, stop, step):
+            x[j] = x[j] * c32
+    elif code == FLOAT64:
+        y = f64_ptr(gaddr)
+        for j in range(start, stop, step):
+            y[j] = y[j] * coef
+    elif code == FLOAT16:
+        h = u16_ptr(gaddr)
+        for j in range(start, stop, step):
+            h[j] = f32_to_half(half_to_f32(h[j]) * c32)
+    else:
+        b = u16_ptr(gaddr)
+        for j in range(start, stop, step):
+            b[j] = f32_to_bf16(bf16_to_f32(b[j]) * c32)
+
+
+# --- kernels ---------------------------------------------------------------------------------
+# Each launch gets two arrays: ``meta`` (int64: the table and the chunks, packed; see
+# ``meta_layout``) and ``out`` (float64: the units' sums and the pieces' partials). Few array
+# arguments keep the per-launch typing cost of numba-cuda small (numba-cuda #98).
+
+
+def meta_layout(n: int, nc: int, n_pieces: int = 0) -> dict:
+    """Offsets of the sections of an AGC ``meta`` array for ``n`` tensors and ``nc`` chunks."""
+    names = ("waddr", "gaddr", "code", "len", "base", "lanes")
+    chunk_names = ("tensor", "row0", "row1", "start", "stop", "first", "count")
+    offsets = {name: i * n for i, name in enumerate(names)}
+    offsets.update({name: 6 * n + i * nc for i, name in enumerate(chunk_names)})
+    offsets["pieces"] = 6 * n + 7 * nc
+    offsets["size"] = 6 * n + 7 * nc + n_pieces
+    return offsets
+
+
+def _agc_rows(meta, out, n, nc, rows, clipping, eps):
+    c = cuda.blockIdx.x
+    tid = cuda.threadIdx.x
+    sw = cuda.shared.array(BLOCK, types.float64)
+    sg = cuda.shared.array(BLOCK, types.float64)
+    sc = cuda.shared.array(BLOCK, types.float64)
+    k0 = 6 * n  # chunk sections start here (see meta_layout)
+    t = meta[k0 + c]
+    waddr = meta[t]
+    gaddr = meta[n + t]
+    code = meta[2 * n + t]
+    length = meta[3 * n + t]
+    base = meta[4 * n + t]
+    if meta[k0 + 6 * nc + c] == 1:  # count == 1: a chunk of whole rows
+        width = meta[5 * n + t]
+        groups = BLOCK // width
+        group = tid // width
+        lane = tid - group * width
+        r0 = meta[k0 + nc + c]
+        r1 = meta[k0 + 2 * nc + c]
+        for k in range((r1 - r0 + groups - 1) // groups):
+            r = r0 + k * groups + group
+            s = r * length
+            ws = 0.0
+            gs = 0.0
+            if r < r1:
+                ws, gs = pair_sums(waddr, gaddr, code, s + lane, s + length, width)
+            sw[tid] = ws
+            sg[tid] = gs
+            cuda.syncthreads()
+            offset = width // 2
+            while offset > 0:
+                if lane < offset:
+                    sw[tid] += sw[tid + offset]
+                    sg[tid] += sg[tid + offset]
+                cuda.syncthreads()
+                offset //= 2
+            if lane == 0 and r < r1:
+                out[base + r] = sw[tid]
+                out[rows + base + r] = sg[tid]
+                sc[group] = unit_coef(sw[tid], sg[tid], clipping, eps)
+            cuda.syncthreads()
+            if r < r1 and sc[group] < 1.0:
+                scale_strided(gaddr, code, s + lane, s + length, width, sc[group])
+            cuda.syncthreads()
+    else:  # a piece of a long row: the whole block reduces it
+        s = meta[k0 + nc + c] * length
+        start = s + meta[k0 + 3 * nc + c]
+        stop = s + meta[k0 + 4 * nc + c]
+        ws, gs = pair_sums(waddr, gaddr, code, start + tid, stop, BLOCK)
+        sw[tid] = ws
+        sg[tid] = gs
+        cuda.syncthreads()
+        offset = BLOCK // 2
+        while offset > 0:
+            if tid < offset:
+                sw[tid] += sw[tid + offset]
+                sg[tid] += sg[tid + offset]
+            cuda.syncthreads()
+            offset //= 2
+        if tid == 0:
+            out[2 * rows + c] = sw[0]
+            out[2 * rows + nc + c] = sg[0]
+
+
+def _agc_pieces(meta, out, n, nc, rows, clipping, eps):
+    k0 = 6 * n
+    c = meta[k0 + 7 * nc + cuda.blockIdx.x]
+    tid = cuda.threadIdx.x
+    sc = cuda.shared.array(1, types.float64)
+    t = meta[k0 + c]
+    row = meta[k0 + nc + c]
+    if tid == 0:
+        first = meta[k0 + 5 * nc + c]
+        ws = 0.0
+        gs = 0.0
+        for k in range(first, first + meta[k0 + 6 * nc + c]):  # the row's partials, in order
+            ws += out[2 * rows + k]
+            gs += out[2 * rows + nc + k]
+        if c == first:
+            base = meta[4 * n + t]
+            out[base + row] = ws
+            out[rows + base + row] = gs
+        sc[0] = unit_coef(ws, gs, clipping, eps)
+    cuda.syncthreads()
+    if sc[0] < 1.0:
+        s = row * meta[3 * n + t]
+        scale_strided(meta[n + t], meta[2 * n + t], s + meta[k0 + 3 * nc + c] + tid,
+                      s + meta[k0 + 4 * nc + c], BLOCK, sc[0])
+
+
+def _zero_if_flag(flag, meta, n, nc):
+    # meta: addrs[n] | codes[n] | chunk tensor[nc] | chunk start[nc] | chunk stop[nc]
+    if flag[0] == 0:  # the common case: one read of the flag, nothing else
+        return
+    c = cuda.blockIdx.x
+    t = meta[2 * n + c]
+    addr = meta[t]
+    code = meta[n + t]
+    start = meta[2 * n + nc + c] + cuda.threadIdx.x
+    stop = meta[2 * n + 2 * nc + c]
+    if code == FLOAT32:
+        x = f32_ptr(addr)
+        for j in range(start, stop, BLOCK):
+            x[j] = np.float32(0.0)
+    elif code == FLOAT64:
+        y = f64_ptr(addr)
+        for j in range(start, stop, BLOCK):
+            y[j] = 0.0
+    else:
+        h = u16_ptr(addr)
+        for j in range(start, stop, BLOCK):
+            h[j] = np.uint16(0)
+
+
+agc_rows = cuda.jit(_agc_rows)
+agc_pieces = cuda.jit(_agc_pieces)
+zero_if_flag = cuda.jit(_zero_if_flag)
+
+_AGC_ARGS = (types.int64[::1], types.float64[::1], types.int64, types.int64, types.int64,
+             types.float64, types.float64)
+# The kernels' argument types as ``run_agc`` / ``run_zero_if`` launch them (for compile_ptx).
+SIGNATURES = {
+    "agc_rows": _AGC_ARGS,
+    "agc_pieces": _AGC_ARGS,
+    "zero_if_flag": (types.int32[::1], types.int64[::1], types.int64, types.int64),
+}
+PY_FUNCS = {"agc_rows": _agc_rows, "agc_pieces": _agc_pieces, "zero_if_flag": _zero_if_flag}
+
+
+# --- host-side drivers -----------------------------------------------------------------------
+
+
+def lanes_for(row_len: np.ndarray) -> np.ndarray:
+    """Threads per row: a power of two giving each thread about 8 elements, at most a block."""
+    want = np.maximum(1, -(-np.asarray(row_len, dtype=np.int64) // 8))
+    lanes = np.left_shift(1, np.ceil(np.log2(want)).astype(np.int64))
+    return np.minimum(lanes, BLOCK).astype(np.int64)
+
+
+def run_agc(waddrs, gaddrs, codes, n_rows, row_len, clipping, eps, to_device, zeros, stream=0,
+            chunk_size=DEFAULT_CHUNK_SIZE):
+    """Launch AGC over a table of device addresses.
+
+    Args:
+        waddrs, gaddrs, codes, n_rows, row_len: the table (int64 numpy arrays), as in
+            ``agc.adaptive_clip``.
+        clipping, eps: AGC's arguments.
+        to_device: makes a device int64 array from a host one (the copy may be asynchronous on
+            ``stream``; the host array is not reused).
+        zeros: makes a zeroed float64 device array of a given length.
+        stream: the stream to launch on.
+
+    Returns:
+        The device float64 array ``out``: ``out[:R]`` and ``out[R:2 * R]`` are the units' sums
+        of squares of the weights and of the grads (before clipping), ``R = sum(n_rows)``.
+    """
+    n_rows = np.asarray(n_rows, dtype=np.int64)
+    row_len = np.asarray(row_len, dtype=np.int64)
+    chunks = build_agc_chunks(n_rows, row_len, chunk_size)
+    n, nc, n_pieces = n_rows.shape[0], chunks.n_chunks, chunks.pieces.shape[0]
+    rows = int(n_rows.sum())
+    out = zeros(max(1, 2 * rows + 2 * nc))
+    if nc == 0:
+        return out
+    meta = np.concatenate([
+        np.asarray(waddrs, dtype=np.int64), np.asarray(gaddrs, dtype=np.int64),
+        np.asarray(codes, dtype=np.int64), row_len, np.cumsum(n_rows) - n_rows, lanes_for(row_len),
+        chunks.tensor, chunks.row0, chunks.row1, chunks.start, chunks.stop, chunks.first,
+        chunks.count, chunks.pieces])
+    d_meta = to_device(meta)
+    args = (d_meta, out, n, nc, rows, float(clipping), float(eps))
+    agc_rows[nc, BLOCK, stream](*args)
+    if n_pieces:
+        agc_pieces[n_pieces, BLOCK, stream](*args)
+    return out
+
+
+def run_zero_if(flag, addrs, codes, lengths, to_device, stream=0, chunk_size=DEFAULT_CHUNK_SIZE):
+    """Zero every tensor of the table if the device int32 ``flag[0]`` is non-zero; no host read."""
+    chunks = build_chunk_table(np.asarray(lengths, dtype=np.int64), chunk_size)
+    if chunks.n_chunks == 0:
+        return
+    meta = np.concatenate([np.asarray(addrs, dtype=np.int64), np.asarray(codes, dtype=np.int64),
+                           chunks.tensor, chunks.start, chunks.stop])
+    zero_if_flag[chunks.n_chunks, BLOCK, stream](flag, to_device(meta), len(addrs),
+                                                 chunks.n_chunks)

@@ -1,0 +1,834 @@
+"""Fused multi-tensor kernels for CUDA (numba-cuda), with simulator stand-ins.
+
+The kernels never receive tensors. Every argument is a scalar: a gradient set reaches them as
+the address of one int64 *device table* (see ``table_layout``), so a launch costs the same for
+3 tensors or 3000, and the work of typing array arguments at each launch is avoided.
+
+Kernel 1, ``power_sums_kernel``: each block takes chunks (grid-stride) and writes one float64
+partial per chunk (sum of |x|**p, or max |x| for inf) from a fixed-shape tree, so partials do
+not depend on the grid size. Blocks then take a ticket (threadfence + atomic); the last block
+combines the partials in a fixed order and writes the total, the norm and the clipping
+coefficient, all on the device. Results are bitwise reproducible, run after run.
+
+Kernel 2, ``scale_kernel``: every block reads the coefficient from device memory and returns at
+once when it is >= 1, so a step that does not clip reads the grads once in all.
+
+Under ``NUMBA_ENABLE_CUDASIM=1`` the same kernel bodies run in numba's simulator; the few device
+primitives it cannot run (``@intrinsic``: address -> pointer, bit casts, 16-bit conversions,
+atomics on raw addresses) are swapped for numpy equivalents at import.
+
+This module imports numpy and numba only; all kernels and helpers live here (numba #8359).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import threading
+
+import numpy as np
+from numba import cuda
+
+from .layout import BFLOAT16, FLOAT16, FLOAT32, FLOAT64, NORM_INF, NORM_L1, NORM_L2
+
+SIMULATOR = bool(cuda.config.ENABLE_CUDASIM)
+
+# Threads per block. Partials depend on it (the in-block tree has this shape), never on the
+# grid size. The simulator runs one Python thread per CUDA thread, hence its small blocks.
+THREADS = 32 if SIMULATOR else 256
+
+# Tensor-table flag (or-ed into a dtype code): the table reads a contiguous copy of a sliced
+# tensor, so the write kernels must skip it (the backend writes it through torch).
+READONLY = 16
+CODE_MASK = 15
+
+# ``flags`` of ``power_sums_kernel``.
+COUNT_NONFINITE = 1  # count inf/NaN elements (rescans only chunks with a non-finite partial)
+RESULT_F64 = 2  # the norm and coefficient are float64 (any float64 grad), else float32
+
+# The kernels' argument types, for ahead-of-time compilation (PTX test, backend).
+POWER_SUMS_ARGS = "int64, int64, int64, int64, float64, int64, int64, float64, " \
+                  "int64, int64, int64, int64, int64"
+SCALE_ARGS = "int64, int64, int64, int64, int64"
+CLAMP_ARGS = "int64, int64, int64, float64"
+
+
+def table_layout(n_tensors: int, n_chunks: int) -> dict:
+    """Offsets (in int64 slots) of the device table's sections.
+
+    ``addrs[n] | codes[n] | chunk_tensor[nc] | chunk_start[nc] | chunk_stop[nc] | first_chunk[n+1]``
+    where ``first_chunk[t]:first_chunk[t + 1]`` are the chunks of tensor ``t``.
+    """
+    n, nc = n_tensors, n_chunks
+    return {"addrs": 0, "codes": n, "tensor": 2 * n, "start": 2 * n + nc,
+            "stop": 2 * n + 2 * nc, "first": 2 * n + 3 * nc, "size": 3 * n + 3 * nc + 1}
+
+
+def scratch_slots(n_tensors: int, n_chunks: int) -> int:
+    """int64 slots of a table's scratch: ``ticket | total | coef | count | partials[nc] |
+    counts[nc] | tensor_tickets[n]``. Zeroed once; the kernels leave the tickets at zero."""
+    return 4 + 2 * n_chunks + n_tensors
+
+
+SCRATCH_TICKET = 0
+SCRATCH_TOTAL = 1
+SCRATCH_COEF = 2
+SCRATCH_COUNT = 3
+SCRATCH_PARTIALS = 4
+
+
+# --- device primitives: real CUDA (intrinsics) or simulator (numpy) ------------------------------
+
+if SIMULATOR:
+    _atomic_lock = threading.Lock()
+
+    def _view(addr, n, ctype, dtype):
+        n = max(int(n), 1)
+        return np.ctypeslib.as_array((ctype * n).from_address(int(addr))).view(dtype)
+
+    def as_f32(addr, n):
+        return _view(addr, n, ctypes.c_float, np.float32)
+
+    def as_f64(addr, n):
+        return _view(addr, n, ctypes.c_double, np.float64)
+
+    def as_u16(addr, n):
+        return _view(addr, n, ctypes.c_uint16, np.uint16)
+
+    def as_i64(addr, n):
+        return _view(addr, n, ctypes.c_int64, np.int64)
+
+    def atomic_inc(addr):
+        with _atomic_lock:
+            a = as_i64(addr, 1)
+            old = a[0]
+            a[0] = old + 1
+        return old
+
+    def half_to_f32(bits):
+        return np.float32(np.uint16(bits).view(np.float16))
+
+    def f32_to_half(value):
+        return np.float16(np.float32(value)).view(np.uint16)
+
+    def u32_as_f32(bits):
+        return np.uint32(bits).view(np.float32)
+
+    def f32_as_u32(value):
+        return np.float32(value).view(np.uint32)
+
+    def u64_as_f64(bits):
+        return np.uint64(bits).view(np.float64)
+
+    def f64_as_u64(value):
+        return np.float64(value).view(np.uint64)
+
+    def mul_rn(a, b):
+        return a * b
+
+    def add_rn(a, b):
+        return a + b
+
+    def ld_cg_f64(addr):
+        return as_f64(addr, 1)[0]
+
+    def ld_cg_i64(addr):
+        return as_i64(addr, 1)[0]
+
+    _device = cuda.jit(device=True)
+    _kernel = cuda.jit
+else:
+    from llvmlite import ir
+    from numba.cuda import types
+    from numba.cuda.extending import intrinsic
+
+    def _pointer_intrinsic(element):
+        @intrinsic
+        def as_pointer(typingctx, addr, n):
+            # ``n`` (the element count) is for the simulator's views; a pointer needs none.
+            sig = types.CPointer(element)(types.int64, types.int64)
+
+            def codegen(context, builder, signature, args):
+                return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+            return sig, codegen
+
+        return as_pointer
+
+    as_f32 = _pointer_intrinsic(types.float32)
+    as_f64 = _pointer_intrinsic(types.float64)
+    as_u16 = _pointer_intrinsic(types.uint16)
+    as_i64 = _pointer_intrinsic(types.int64)
+
+    @intrinsic
+    def atomic_inc(typingctx, addr):
+        """Atomically add 1 to the int64 at ``addr``; return the old value."""
+        sig = types.int64(types.int64)
+
+        def codegen(context, builder, signature, args):
+            ptr = builder.inttoptr(args[0], ir.PointerType(ir.IntType(64)))
+            return builder.atomic_rmw("add", ptr, ir.Constant(ir.IntType(64), 1), "monotonic")
+
+        return sig, codegen
+
+    def _cast_intrinsic(src, dst, convert):
+        @intrinsic
+        def cast(typingctx, value):
+            sig = dst(src)
+
+            def codegen(context, builder, signature, args):
+                return convert(builder, args[0])
+
+            return sig, codegen
+
+        return cast
+
+    # fp16 through its bits: bitcast to half, then an exact widening; the narrowing is
+    # cvt.rn.f16.f32, round to nearest even like torch's float -> half.
+    half_to_f32 = _cast_intrinsic(
+        types.uint16, types.float32,
+        lambda b, v: b.fpext(b.bitcast(v, ir.HalfType()), ir.FloatType()))
+    f32_to_half = _cast_intrinsic(
+        types.float32, types.uint16,
+        lambda b, v: b.bitcast(b.fptrunc(v, ir.HalfType()), ir.IntType(16)))
+    u32_as_f32 = _cast_intrinsic(types.uint32, types.float32,
+                                 lambda b, v: b.bitcast(v, ir.FloatType()))
+    f32_as_u32 = _cast_intrinsic(types.float32, types.uint32,
+                                 lambda b, v: b.bitcast(v, ir.IntType(32)))
+    u64_as_f64 = _cast_intrinsic(types.uint64, types.float64,
+                                 lambda b, v: b.bitcast(v, ir.DoubleType()))
+    f64_as_u64 = _cast_intrinsic(types.float64, types.uint64,
+                                 lambda b, v: b.bitcast(v, ir.IntType(64)))
+
+    # inline="always": inlined in numba IR, so compile_ptx needs no GPU to type the helpers.
+    # Float64 multiply and add rounded on their own (mul.rn, add.rn): ptxas may otherwise fuse a
+    # multiply with the add that follows into one FMA, where torch (separate kernels) rounds twice.
+    from numba.cuda.libdevice import dadd_rn as add_rn
+    from numba.cuda.libdevice import dmul_rn as mul_rn
+
+    def _ld_cg(result, asm):
+        @intrinsic
+        def load(typingctx, addr):
+            """A global load that skips the (non-coherent) L1 cache: the last block reads values
+            other blocks wrote after this SM may have cached their neighbours."""
+            sig = result(types.int64)
+
+            def codegen(context, builder, signature, args):
+                ty = context.get_value_type(signature.return_type)
+                fn = ir.FunctionType(ty, [ir.IntType(64)])
+                constraint = "=d,l" if ty == ir.DoubleType() else "=l,l"
+                return builder.call(ir.InlineAsm(fn, asm, constraint, side_effect=True), [args[0]])
+
+            return sig, codegen
+
+        return load
+
+    ld_cg_f64 = _ld_cg(types.float64, "ld.global.cg.f64 $0, [$1];")
+    ld_cg_i64 = _ld_cg(types.int64, "ld.global.cg.s64 $0, [$1];")
+
+    _device = cuda.jit(device=True, forceinline=True)
+
+    def _kernel(fn):
+        return cuda.jit(fn, cache=True)
+
+
+@_device
+def bf16_to_f32(bits):
+    return u32_as_f32(np.uint32(bits) << np.uint32(16))
+
+
+@_device
+def f32_to_bf16(value):
+    # Round to nearest even with a NaN guard: bit-identical to torch's float -> bfloat16 on the
+    # CPU (on a GPU torch may give another NaN payload; NaN either way).
+    if value != value:
+        return np.uint16(0x7FC0)
+    u = f32_as_u32(value)
+    bias = ((u >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF)
+    return np.uint16((u + bias) >> np.uint32(16))
+
+
+# --- per-thread loops: elements j, j + THREADS, ... of one chunk --------------------------------
+# Four independent loads per iteration keep enough bytes in flight to run at memory speed; the
+# four float64 accumulators are added in a fixed order. The inf norm is an integer max over the
+# absolute values' bit patterns (every NaN sorts above inf, so NaN wins).
+
+_T = THREADS
+
+
+@_device
+def _f32_sum(addr, j, stop, kind, p):
+    x = as_f32(addr, stop)
+    if kind == NORM_INF:
+        top = np.uint32(0)
+        m = np.uint32(0x7FFFFFFF)
+        while j + 3 * _T < stop:
+            a = f32_as_u32(x[j]) & m
+            b = f32_as_u32(x[j + _T]) & m
+            c = f32_as_u32(x[j + 2 * _T]) & m
+            d = f32_as_u32(x[j + 3 * _T]) & m
+            top = max(top, max(max(a, b), max(c, d)))
+            j += 4 * _T
+        while j < stop:
+            top = max(top, f32_as_u32(x[j]) & m)
+            j += _T
+        return np.float64(u32_as_f32(top))
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    if kind == NORM_L2:
+        while j + 3 * _T < stop:
+            a = np.float64(x[j])
+            b = np.float64(x[j + _T])
+            c = np.float64(x[j + 2 * _T])
+            d = np.float64(x[j + 3 * _T])
+            s0 += a * a
+            s1 += b * b
+            s2 += c * c
+            s3 += d * d
+            j += 4 * _T
+        while j < stop:
+            a = np.float64(x[j])
+            s0 += a * a
+            j += _T
+    elif kind == NORM_L1:
+        while j + 3 * _T < stop:
+            s0 += abs(np.float64(x[j]))
+            s1 += abs(np.float64(x[j + _T]))
+            s2 += abs(np.float64(x[j + 2 * _T]))
+            s3 += abs(np.float64(x[j + 3 * _T]))
+            j += 4 * _T
+        while j < stop:
+            s0 += abs(np.float64(x[j]))
+            j += _T
+    else:  # general p: rare, and pow dominates; one call site keeps the code small
+        while j < stop:
+            s0 += abs(np.float64(x[j])) ** p
+            j += _T
+    return (s0 + s1) + (s2 + s3)
+
+
+@_device
+def _f64_sum(addr, j, stop, kind, p):
+    x = as_f64(addr, stop)
+    if kind == NORM_INF:
+        top = np.uint64(0)
+        m = np.uint64(0x7FFFFFFFFFFFFFFF)
+        while j + 3 * _T < stop:
+            a = f64_as_u64(x[j]) & m
+            b = f64_as_u64(x[j + _T]) & m
+            c = f64_as_u64(x[j + 2 * _T]) & m
+            d = f64_as_u64(x[j + 3 * _T]) & m
+            top = max(top, max(max(a, b), max(c, d)))
+            j += 4 * _T
+        while j < stop:
+            top = max(top, f64_as_u64(x[j]) & m)
+            j += _T
+        return u64_as_f64(top)
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    if kind == NORM_L2:
+        while j + 3 * _T < stop:
+            a = x[j]
+            b = x[j + _T]
+            c = x[j + 2 * _T]
+            d = x[j + 3 * _T]
+            s0 += a * a
+            s1 += b * b
+            s2 += c * c
+            s3 += d * d
+            j += 4 * _T
+        while j < stop:
+            a = x[j]
+            s0 += a * a
+            j += _T
+    elif kind == NORM_L1:
+        while j + 3 * _T < stop:
+            s0 += abs(x[j])
+            s1 += abs(x[j + _T])
+            s2 += abs(x[j + 2 * _T])
+            s3 += abs(x[j + 3 * _T])
+            j += 4 * _T
+        while j < stop:
+            s0 += abs(x[j])
+            j += _T
+    else:
+        while j < stop:
+            s0 += abs(x[j]) ** p
+            j += _T
+    return (s0 + s1) + (s2 + s3)
+
+
+@_device
+def _decode16(bits, is_half):
+    if is_half:
+        return half_to_f32(bits)
+    return bf16_to_f32(bits)
+
+
+@_device
+def _h16_sum(addr, is_half, j, stop, kind, p):
+    """fp16 (``is_half``) or bf16, read as uint16 bits."""
+    x = as_u16(addr, stop)
+    if kind == NORM_INF:
+        top = np.uint16(0)
+        m = np.uint16(0x7FFF)
+        while j + 3 * _T < stop:
+            a = x[j] & m
+            b = x[j + _T] & m
+            c = x[j + 2 * _T] & m
+            d = x[j + 3 * _T] & m
+            top = max(top, max(max(a, b), max(c, d)))
+            j += 4 * _T
+        while j < stop:
+            top = max(top, x[j] & m)
+            j += _T
+        return np.float64(_decode16(top, is_half))
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    if kind == NORM_L2:
+        while j + 3 * _T < stop:
+            a = np.float64(_decode16(x[j], is_half))
+            b = np.float64(_decode16(x[j + _T], is_half))
+            c = np.float64(_decode16(x[j + 2 * _T], is_half))
+            d = np.float64(_decode16(x[j + 3 * _T], is_half))
+            s0 += a * a
+            s1 += b * b
+            s2 += c * c
+            s3 += d * d
+            j += 4 * _T
+        while j < stop:
+            a = np.float64(_decode16(x[j], is_half))
+            s0 += a * a
+            j += _T
+    elif kind == NORM_L1:
+        while j + 3 * _T < stop:
+            s0 += abs(np.float64(_decode16(x[j], is_half)))
+            s1 += abs(np.float64(_decode16(x[j + _T], is_half)))
+            s2 += abs(np.float64(_decode16(x[j + 2 * _T], is_half)))
+            s3 += abs(np.float64(_decode16(x[j + 3 * _T], is_half)))
+            j += 4 * _T
+        while j < stop:
+            s0 += abs(np.float64(_decode16(x[j], is_half)))
+            j += _T
+    else:
+        while j < stop:
+            s0 += abs(np.float64(_decode16(x[j], is_half))) ** p
+            j += _T
+    return (s0 + s1) + (s2 + s3)
+
+
+@_device
+def _thread_sum(addr, code, j, stop, kind, p):
+    if code == FLOAT32:
+        return _f32_sum(addr, j, stop, kind, p)
+    if code == FLOAT64:
+        return _f64_sum(addr, j, stop, kind, p)
+    return _h16_sum(addr, code == FLOAT16, j, stop, kind, p)
+
+
+@_device
+def _thread_nonfinite(addr, code, j, stop):
+    """inf/NaN elements among j, j + THREADS, ... (exponent bits all ones)."""
+    n = 0
+    if code == FLOAT32:
+        x = as_f32(addr, stop)
+        e = np.uint32(0x7F800000)
+        while j < stop:
+            n += (f32_as_u32(x[j]) & e) == e
+            j += _T
+    elif code == FLOAT64:
+        y = as_f64(addr, stop)
+        e64 = np.uint64(0x7FF0000000000000)
+        while j < stop:
+            n += (f64_as_u64(y[j]) & e64) == e64
+            j += _T
+    else:
+        h = as_u16(addr, stop)
+        e16 = np.uint16(0x7C00) if code == FLOAT16 else np.uint16(0x7F80)
+        while j < stop:
+            n += (h[j] & e16) == e16
+            j += _T
+    return n
+
+
+# --- fixed-shape block reductions -----------------------------------------------------------------
+# The caller stores its value in sh[tid]; every thread gets the result. The shape (halving
+# strides over THREADS slots) is fixed, so the result depends on THREADS only.
+
+
+@_device
+def _combine(a, b, kind):
+    if kind == NORM_INF:
+        # max that lets NaN win (like torch.amax)
+        if a != a:
+            return a
+        if b != b or b > a:
+            return b
+        return a
+    return a + b
+
+
+@_device
+def _block_reduce(sh, tid, kind):
+    cuda.syncthreads()
+    s = _T // 2
+    while s > 0:
+        if tid < s:
+            sh[tid] = _combine(sh[tid], sh[tid + s], kind)
+        cuda.syncthreads()
+        s //= 2
+    r = sh[0]
+    cuda.syncthreads()  # everyone has read sh[0] before it is written again
+    return r
+
+
+@_device
+def _block_isum(shi, tid):
+    cuda.syncthreads()
+    s = _T // 2
+    while s > 0:
+        if tid < s:
+            shi[tid] = shi[tid] + shi[tid + s]
+        cuda.syncthreads()
+        s //= 2
+    r = shi[0]
+    cuda.syncthreads()
+    return r
+
+
+@_device
+def _strided_fold(base, first, stop, tid, kind):
+    """This thread's fold of the float64 values at ``base`` indexed first + tid,
+    first + tid + THREADS, ... (fixed order), read past L1 (``ld_cg_f64``).
+
+    Eight independent loads per round: the sequential add would otherwise wait on memory for
+    each element.
+    """
+    acc = 0.0
+    i = first + tid
+    while i + 7 * _T < stop:
+        a0 = ld_cg_f64(base + 8 * i)
+        a1 = ld_cg_f64(base + 8 * (i + _T))
+        a2 = ld_cg_f64(base + 8 * (i + 2 * _T))
+        a3 = ld_cg_f64(base + 8 * (i + 3 * _T))
+        a4 = ld_cg_f64(base + 8 * (i + 4 * _T))
+        a5 = ld_cg_f64(base + 8 * (i + 5 * _T))
+        a6 = ld_cg_f64(base + 8 * (i + 6 * _T))
+        a7 = ld_cg_f64(base + 8 * (i + 7 * _T))
+        acc = _combine(acc, a0, kind)
+        acc = _combine(acc, a1, kind)
+        acc = _combine(acc, a2, kind)
+        acc = _combine(acc, a3, kind)
+        acc = _combine(acc, a4, kind)
+        acc = _combine(acc, a5, kind)
+        acc = _combine(acc, a6, kind)
+        acc = _combine(acc, a7, kind)
+        i += 8 * _T
+    while i < stop:
+        acc = _combine(acc, ld_cg_f64(base + 8 * i), kind)
+        i += _T
+    return acc
+
+
+# --- the norm's root and torch's clipping coefficient, on the device ------------------------------
+
+
+@_device
+def _root(total, kind, p):
+    """The p-norm from its float64 power sum, with the special cases of torch's
+    ``total.pow(1 / p)`` (sqrt is correctly rounded on both sides)."""
+    if kind == NORM_L2:
+        return math.sqrt(total)
+    if kind == NORM_L1 or kind == NORM_INF:
+        return total
+    e = 1.0 / p
+    if e == 0.5:
+        return math.sqrt(total)
+    if e == 1.0:
+        return total
+    if e == 2.0:
+        return mul_rn(total, total)
+    if e == 3.0:
+        return mul_rn(mul_rn(total, total), total)
+    return total ** e
+
+
+@_device
+def _write_norm_coef(total, kind, p, flags, max_norm, norm_addr, coef_addr):
+    """Norm in the result dtype, then ``clamp(max_norm / (norm + 1e-6), max=1)`` exactly as
+    torch evaluates it: ``reciprocal(norm + 1e-6) * max_norm`` in the norm's dtype."""
+    norm = _root(total, kind, p)
+    if flags & RESULT_F64:
+        if norm_addr != 0:
+            as_f64(norm_addr, 1)[0] = norm
+        if coef_addr != 0:
+            c = (1.0 / add_rn(norm, 1e-6)) * max_norm
+            if c > 1.0:
+                c = 1.0
+            as_f64(coef_addr, 1)[0] = c
+    else:
+        n32 = np.float32(norm)
+        if norm_addr != 0:
+            as_f32(norm_addr, 1)[0] = n32
+        if coef_addr != 0:
+            c32 = (np.float32(1.0) / (n32 + np.float32(1e-6))) * np.float32(max_norm)
+            if c32 > np.float32(1.0):
+                c32 = np.float32(1.0)
+            as_f32(coef_addr, 1)[0] = c32
+
+
+# --- kernel 1: per-chunk partials, per-tensor folds, and the last-block finalize -----------------
+
+
+@_kernel
+def power_sums_kernel(table, n, nc, kind, p, scratch, flags, max_norm,
+                      total_addr, norm_addr, coef_addr, count_addr, per_tensor_addr):
+    """Sum of |x|**p (max |x| for inf) over every tensor of the table, in float64.
+
+    Args:
+        table: address of the int64 device table (``table_layout``).
+        n, nc: tensors and chunks in the table.
+        kind, p: the norm kind (``layout.NORM_*``) and p.
+        scratch: address of the table's zeroed int64 scratch (``scratch_slots``).
+        flags: ``COUNT_NONFINITE`` | ``RESULT_F64``.
+        max_norm: for the coefficient.
+        total_addr, norm_addr, coef_addr, count_addr, per_tensor_addr: where to write the
+            float64 total, the norm and the coefficient (float32, or float64 with RESULT_F64),
+            the int64 count of inf/NaN elements, and one float64 per tensor; 0 skips an output.
+            The per-tensor folds run only when ``per_tensor_addr`` is set.
+    """
+    tid = cuda.threadIdx.x
+    sh = cuda.shared.array(_T, np.float64)
+    shi = cuda.shared.array(_T, np.int64)
+    flag = cuda.shared.array(1, np.int64)
+    tab = as_i64(table, 3 * n + 3 * nc + 1)
+    partials = as_f64(scratch + 8 * SCRATCH_PARTIALS, nc)
+    counts = as_i64(scratch + 8 * (SCRATCH_PARTIALS + nc), nc)
+    partials_addr = scratch + 8 * SCRATCH_PARTIALS
+    counts_addr = scratch + 8 * (SCRATCH_PARTIALS + nc)
+    tickets = scratch + 8 * (SCRATCH_PARTIALS + 2 * nc)
+    o_tensor = 2 * n
+    o_start = 2 * n + nc
+    o_stop = 2 * n + 2 * nc
+    o_first = 2 * n + 3 * nc
+    per_tensor = per_tensor_addr != 0
+
+    c = cuda.blockIdx.x
+    while c < nc:
+        t = tab[o_tensor + c]
+        addr = tab[t]
+        code = tab[n + t] & CODE_MASK
+        start = tab[o_start + c]
+        stop = tab[o_stop + c]
+        sh[tid] = _thread_sum(addr, code, start + tid, stop, kind, p)
+        part = _block_reduce(sh, tid, kind)
+        if tid == 0:
+            partials[c] = part
+        if flags & COUNT_NONFINITE:
+            bad = 0
+            if not math.isfinite(part):  # an inf or NaN partial: find the culprits
+                bad = _thread_nonfinite(addr, code, start + tid, stop)
+            shi[tid] = bad
+            bad = _block_isum(shi, tid)
+            if tid == 0:
+                counts[c] = bad
+        if per_tensor:
+            # The block that writes a tensor's last partial folds that tensor.
+            cuda.threadfence()
+            if tid == 0:
+                k = tab[o_first + t + 1] - tab[o_first + t]
+                flag[0] = 1 if atomic_inc(tickets + 8 * t) == k - 1 else 0
+            cuda.syncthreads()
+            if flag[0] == 1:
+                cuda.threadfence()
+                sh[tid] = _strided_fold(partials_addr, tab[o_first + t], tab[o_first + t + 1], tid, kind)
+                folded = _block_reduce(sh, tid, kind)
+                if tid == 0:
+                    as_f64(per_tensor_addr, n)[t] = folded
+                    as_i64(tickets, n)[t] = 0
+            cuda.syncthreads()
+        c += cuda.gridDim.x
+
+    # Last block done: it alone combines the partials, in a fixed order.
+    cuda.threadfence()
+    if tid == 0:
+        flag[0] = 1 if atomic_inc(scratch + 8 * SCRATCH_TICKET) == cuda.gridDim.x - 1 else 0
+    cuda.syncthreads()
+    if flag[0] == 0:
+        return
+    cuda.threadfence()
+    sh[tid] = _strided_fold(partials_addr, 0, nc, tid, kind)
+    total = _block_reduce(sh, tid, kind)
+    nonfinite = 0
+    if flags & COUNT_NONFINITE:
+        bad = 0
+        i = tid
+        while i < nc:
+            bad += ld_cg_i64(counts_addr + 8 * i)
+            i += _T
+        shi[tid] = bad
+        nonfinite = _block_isum(shi, tid)
+    if per_tensor:
+        out = as_f64(per_tensor_addr, n)
+        t = tid
+        while t < n:
+            if tab[o_first + t + 1] == tab[o_first + t]:
+                out[t] = 0.0  # an empty tensor has no chunk to fold
+            t += _T
+    if tid == 0:
+        if total_addr != 0:
+            as_f64(total_addr, 1)[0] = total
+        if count_addr != 0:
+            as_i64(count_addr, 1)[0] = nonfinite
+        _write_norm_coef(total, kind, p, flags, max_norm, norm_addr, coef_addr)
+        as_i64(scratch, 1)[0] = 0  # the next launch starts from ticket 0
+
+
+# --- kernel 2: scale by a coefficient read from device memory ------------------------------------
+
+
+@_kernel
+def scale_kernel(table, n, nc, coef_addr, coef_is_f64):
+    """Multiply every writable tensor by the coefficient at ``coef_addr`` (float32, or float64
+    when ``coef_is_f64``), with torch's ``mul_`` rounding: 32- and 16-bit grads multiply in
+    float32 by float32(coef), float64 grads in float64. Returns at once when coef >= 1 (NaN is
+    applied, like torch)."""
+    if coef_is_f64:
+        c64 = as_f64(coef_addr, 1)[0]
+    else:
+        c64 = np.float64(as_f32(coef_addr, 1)[0])
+    if c64 >= 1.0:
+        return
+    c32 = np.float32(c64)
+    tid = cuda.threadIdx.x
+    tab = as_i64(table, 3 * n + 3 * nc + 1)
+    c = cuda.blockIdx.x
+    while c < nc:
+        t = tab[2 * n + c]
+        code = tab[n + t]
+        if code < READONLY:
+            _scale_thread(tab[t], code, tab[2 * n + nc + c] + tid, tab[2 * n + 2 * nc + c], c32, c64)
+        c += cuda.gridDim.x
+
+
+@_device
+def _scale_thread(addr, code, j, stop, c32, c64):
+    if code == FLOAT32:
+        x = as_f32(addr, stop)
+        while j + 3 * _T < stop:
+            a = x[j]
+            b = x[j + _T]
+            c = x[j + 2 * _T]
+            d = x[j + 3 * _T]
+            x[j] = a * c32
+            x[j + _T] = b * c32
+            x[j + 2 * _T] = c * c32
+            x[j + 3 * _T] = d * c32
+            j += 4 * _T
+        while j < stop:
+            x[j] = x[j] * c32
+            j += _T
+    elif code == FLOAT64:
+        y = as_f64(addr, stop)
+        while j + 3 * _T < stop:
+            a = y[j]
+            b = y[j + _T]
+            c = y[j + 2 * _T]
+            d = y[j + 3 * _T]
+            y[j] = a * c64
+            y[j + _T] = b * c64
+            y[j + 2 * _T] = c * c64
+            y[j + 3 * _T] = d * c64
+            j += 4 * _T
+        while j < stop:
+            y[j] = y[j] * c64
+            j += _T
+    else:
+        h = as_u16(addr, stop)
+        is_half = code == FLOAT16
+        while j + 3 * _T < stop:
+            a = h[j]
+            b = h[j + _T]
+            c = h[j + 2 * _T]
+            d = h[j + 3 * _T]
+            h[j] = _encode16(_decode16(a, is_half) * c32, is_half)
+            h[j + _T] = _encode16(_decode16(b, is_half) * c32, is_half)
+            h[j + 2 * _T] = _encode16(_decode16(c, is_half) * c32, is_half)
+            h[j + 3 * _T] = _encode16(_decode16(d, is_half) * c32, is_half)
+            j += 4 * _T
+        while j < stop:
+            h[j] = _encode16(_decode16(h[j], is_half) * c32, is_half)
+            j += _T
+
+
+@_device
+def _encode16(value, is_half):
+    if is_half:
+        return f32_to_half(value)
+    return f32_to_bf16(value)
+
+
+# --- clamp (clip_grad_value_) ----------------------------------------------------------------------
+
+
+@_kernel
+def clamp_kernel(table, n, nc, bound):
+    """Clamp every writable tensor to [-bound, bound]; stores only the elements that change
+    (the same comparisons as the CPU kernel, so the same results)."""
+    tid = cuda.threadIdx.x
+    tab = as_i64(table, 3 * n + 3 * nc + 1)
+    c = cuda.blockIdx.x
+    while c < nc:
+        t = tab[2 * n + c]
+        code = tab[n + t]
+        if code < READONLY:
+            _clamp_thread(tab[t], code, tab[2 * n + nc + c] + tid, tab[2 * n + 2 * nc + c], bound)
+        c += cuda.gridDim.x
+
+
+@_device
+def _clamp_thread(addr, code, j, stop, bound):
+    b32 = np.float32(bound)
+    if code == FLOAT32:
+        x = as_f32(addr, stop)
+        while j < stop:
+            v = x[j]
+            if v > b32:
+                x[j] = b32
+            elif v < -b32:
+                x[j] = -b32
+            j += _T
+    elif code == FLOAT64:
+        y = as_f64(addr, stop)
+        while j < stop:
+            w = y[j]
+            if w > bound:
+                y[j] = bound
+            elif w < -bound:
+                y[j] = -bound
+            j += _T
+    else:
+        h = as_u16(addr, stop)
+        is_half = code == FLOAT16
+        hi = _encode16(b32, is_half)
+        lo = hi | np.uint16(0x8000)
+        while j < stop:
+            v = _decode16(h[j], is_half)
+            if v > b32:
+                h[j] = hi
+            elif v < -b32:
+                h[j] = lo
+            j += _T
+
+
+KERNELS = {
+    "power_sums_kernel": (power_sums_kernel, POWER_SUMS_ARGS),
+    "scale_kernel": (scale_kernel, SCALE_ARGS),
+    "clamp_kernel": (clamp_kernel, CLAMP_ARGS),
+}

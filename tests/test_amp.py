@@ -1,0 +1,283 @@
+"""unscale_and_clip_: grads, steps and GradScaler state against torch's unscale-then-clip sequence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fastclip
+from device_style import device_style  # noqa: F401 (fixture)
+from reference import assert_bitwise_equal, assert_norm_close, param_with_grad, random_grad
+
+# Every third step holds an inf or NaN grad: it must be skipped, and the scale must back off.
+BAD = {2: math.inf, 5: math.nan}
+STEPS = 7
+
+
+def _model(dtype=torch.float32, device="cpu"):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3))
+    return model.to(device=device, dtype=dtype)
+
+
+def _backward(model, scaler, x, bad=None):
+    model.zero_grad()
+    out = model(x.to(next(model.parameters()).dtype))
+    scaler.scale(out.float().pow(2).sum()).backward()
+    if bad is not None:
+        model[0].weight.grad[1, 2] = bad
+
+
+def _run(reference, steps=STEPS, p=2.0, max_norm=0.5, dtype=torch.float32, device="cpu", **scaler_kw):
+    """Train a small model; at each step, compare fastclip with ``reference(scaler, opt, model)``.
+
+    Returns the per-step records of both runs: norms, grads after clipping, params after the step,
+    scale and growth tracker after update.
+    """
+    runs = []
+    for use_fastclip in (True, False):
+        model = _model(dtype, device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        scaler = torch.amp.GradScaler(device, growth_interval=2, **scaler_kw)
+        g = torch.Generator().manual_seed(1)
+        record = []
+        for step in range(steps):
+            _backward(model, scaler, torch.randn(5, 6, generator=g).to(device), BAD.get(step))
+            if use_fastclip:
+                norm = fastclip.unscale_and_clip_(scaler, opt, max_norm, p)
+            else:
+                norm = reference(scaler, opt, model, max_norm, p)
+            grads = [q.grad.clone() for q in model.parameters()]
+            scaler.step(opt)
+            scaler.update()
+            params = [q.detach().clone() for q in model.parameters()]
+            record.append(dict(norm=norm, grads=grads, params=params, scale=scaler._scale.clone(),
+                               tracker=scaler._growth_tracker.clone()))
+        runs.append(record)
+    return runs
+
+
+def _fastclip_sequence(scaler, opt, model, max_norm, p):
+    scaler.unscale_(opt)
+    return fastclip.clip_grad_norm_(model.parameters(), max_norm, p)
+
+
+def _torch_sequence(scaler, opt, model, max_norm, p):
+    scaler.unscale_(opt)
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, p)
+
+
+def _assert_runs_bitwise_equal(run_a, run_b):
+    """Norms, grads (NaN payloads aside on bad steps), params and scaler state, bit for bit."""
+    for step, (a, b) in enumerate(zip(run_a, run_b)):
+        assert_bitwise_equal(a["norm"], b["norm"])
+        for ga, gb in zip(a["grads"], b["grads"]):
+            assert_bitwise_equal(ga, gb, nan_bits=step not in BAD)
+        for pa, pb in zip(a["params"], b["params"]):
+            assert_bitwise_equal(pa, pb)
+        assert torch.equal(a["scale"], b["scale"]) and torch.equal(a["tracker"], b["tracker"])
+
+
+@pytest.mark.parametrize("p", [2.0, math.inf, 1.0])
+def test_bitwise_equal_to_unscale_then_fastclip(p):
+    """A power-of-two scale: the fused path changes no bit of the norm, grads, params or scale."""
+    ours, ref = _run(_fastclip_sequence, p=p)
+    _assert_runs_bitwise_equal(ours, ref)
+    scales = [float(r["scale"]) for r in ours]
+    # growth_interval=2: growth after two good steps, backoff after each bad one.
+    assert scales == [65536.0, 131072.0, 65536.0, 65536.0, 131072.0, 65536.0, 65536.0]
+
+
+def test_matches_torchs_sequence():
+    """torch's own norm is float32-accumulated, so its coefficient differs in the last bits."""
+    ours, ref = _run(_torch_sequence)
+    clipped = 0
+    for step, (a, b) in enumerate(zip(ours, ref)):
+        if step in BAD:
+            assert not math.isfinite(float(a["norm"])) and not math.isfinite(float(b["norm"]))
+        else:
+            torch.testing.assert_close(a["norm"], b["norm"], rtol=1e-6, atol=0)
+            clipped += float(a["norm"]) > 0.5
+            for ga, gb in zip(a["grads"], b["grads"]):
+                torch.testing.assert_close(ga, gb, rtol=1e-6, atol=1e-9)
+        # Params: a coefficient 1e-6 off moves an SGD step by 1e-6 of itself (lr * |g| ~ 0.05).
+        for pa, pb in zip(a["params"], b["params"]):
+            torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
+        assert torch.equal(a["scale"], b["scale"]) and torch.equal(a["tracker"], b["tracker"])
+    assert clipped >= 3  # the test clips for real
+
+
+def test_skipped_steps_leave_params_and_grads_as_torch():
+    ours, ref = _run(_torch_sequence)
+    for step in BAD:
+        for pa, pb in zip(ours[step]["params"], ours[step - 1]["params"]):
+            assert torch.equal(pa, pb)  # skipped
+        # The grads: what torch's sequence leaves (coefficient 0 for inf, NaN for NaN).
+        for ga, gb in zip(ours[step]["grads"], ref[step]["grads"]):
+            assert torch.equal(ga.isnan(), gb.isnan())
+            assert torch.equal(ga.nan_to_num(0.0), gb.nan_to_num(0.0))
+
+
+def test_norm_is_exact():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 20)
+    _backward(model, scaler, torch.randn(5, 6))
+    unscaled = [q.grad.double() / 2.0 ** 20 for q in model.parameters()]
+    norm = fastclip.unscale_and_clip_(scaler, opt, max_norm=1e9)
+    assert_norm_close(norm, unscaled, 2.0)
+
+
+@pytest.mark.parametrize("init_scale", [1000.0, 0.25])
+def test_any_scale(init_scale):
+    """A scale that is not a power of two rounds once where torch rounds twice; a scale below 1
+    makes the factor exceed 1, which must still be applied (the clip kernels skip factors >= 1)."""
+    max_norm = 1e9 if init_scale < 1 else 0.5
+    ours, ref = _run(_fastclip_sequence, steps=2, init_scale=init_scale, max_norm=max_norm)
+    for a, b in zip(ours, ref):
+        for ga, gb in zip(a["grads"], b["grads"]):
+            # With u = 2**-24 (float32 unit roundoff): x * round(inv * c) is within 2u of the exact
+            # x * inv * c, and so is round(round(x * inv) * c'). The two coefficients c, c' may
+            # differ by one float32 rounding (2u): the norms come from differently rounded grads.
+            torch.testing.assert_close(ga, gb, rtol=6 * 2.0 ** -24, atol=0)
+    if init_scale < 1:  # the factor 4 was applied: the grads' norm is the unscaled norm
+        after = torch.linalg.vector_norm(torch.cat([x.flatten() for x in ours[0]["grads"]]).double())
+        assert float(after) == pytest.approx(float(ours[0]["norm"]), rel=1e-6)
+
+
+def test_device_style_backend_is_bitwise_equal(device_style, monkeypatch):
+    """The tensor-only branch (a GPU backend's: no host read) gives the host branch's bits."""
+    device_run, _ = _run(_fastclip_sequence, steps=4)
+    monkeypatch.undo()
+    host_run, _ = _run(_fastclip_sequence, steps=4)
+    _assert_runs_bitwise_equal(device_run, host_run)
+    assert float(device_run[2]["scale"]) < float(device_run[1]["scale"])  # the inf step backed off
+
+
+def test_mixed_dtypes_bitwise():
+    """bf16, float32 and float64 grads together: still bit-identical to the unscale-then-clip path."""
+    g = torch.Generator().manual_seed(2)
+    grads = [random_grad((40, 3), torch.bfloat16, 3e4, g), random_grad((7,), torch.float32, 5e4, g),
+             random_grad((9, 2), torch.float64, 1e4, g)]
+    results = []
+    for fused in (True, False):
+        params = [param_with_grad(x.clone()) for x in grads]
+        opt = torch.optim.SGD(params, lr=0.1)
+        scaler = torch.amp.GradScaler("cpu")
+        scaler.scale(torch.zeros(()))  # creates the scale (2**16)
+        if fused:
+            norm = fastclip.unscale_and_clip_(scaler, opt, 1.0)
+        else:
+            scaler.unscale_(opt)
+            norm = fastclip.clip_grad_norm_(params, 1.0)
+        results.append((norm, [q.grad for q in params]))
+    assert results[0][0].dtype == torch.float64
+    assert_bitwise_equal(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        assert_bitwise_equal(a, b)
+
+
+def _scaled_setup(**scaler_kw):
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", **scaler_kw)
+    _backward(model, scaler, torch.randn(5, 6))
+    return model, opt, scaler
+
+
+def test_twice_raises_like_torch():
+    model, opt, scaler = _scaled_setup()
+    fastclip.unscale_and_clip_(scaler, opt, 1.0)
+    with pytest.raises(RuntimeError, match="already been called"):
+        fastclip.unscale_and_clip_(scaler, opt, 1.0)
+    with pytest.raises(RuntimeError, match="already been called"):
+        scaler.unscale_(opt)  # torch sees our record
+    scaler.step(opt)
+    with pytest.raises(RuntimeError, match="after step"):
+        fastclip.unscale_and_clip_(scaler, opt, 1.0)
+    scaler.update()
+    _backward(model, scaler, torch.randn(5, 6))
+    scaler.unscale_(opt)
+    with pytest.raises(RuntimeError, match="already been called"):
+        fastclip.unscale_and_clip_(scaler, opt, 1.0)
+
+
+def test_no_scale_yet():
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(RuntimeError, match=r"unscale_and_clip_: `scaler` has no scale yet"):
+        fastclip.unscale_and_clip_(torch.amp.GradScaler("cpu"), opt, 1.0)
+
+
+def test_fp16_grads_refused_untouched():
+    params = [param_with_grad(torch.full((3,), 2.0)),
+              param_with_grad(torch.full((2,), 4.0, dtype=torch.float16))]
+    opt = torch.optim.SGD(params, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(torch.zeros(()))
+    with pytest.raises(ValueError, match=r"unscale_and_clip_: `optimizer` holds a float16 gradient"):
+        fastclip.unscale_and_clip_(scaler, opt, 1.0)
+    assert torch.equal(params[0].grad, torch.full((3,), 2.0))
+    assert scaler._per_optimizer_states[id(opt)]["stage"].name == "READY"
+    with pytest.raises(ValueError, match="FP16"):  # torch refuses the same grads
+        scaler.unscale_(opt)
+
+
+@pytest.mark.parametrize("args, exc, match", [
+    (("not a scaler", "opt", 1.0), TypeError, r"`scaler` must be a torch.amp.GradScaler, got 'not a scaler'"),
+    (("scaler", [1, 2], 1.0), TypeError, r"`optimizer` must be a torch.optim.Optimizer"),
+    (("scaler", "opt", -1.0), ValueError, r"`max_norm` must be a non-negative number, got -1.0"),
+    (("scaler", "opt", 1.0, 0), ValueError, r"`norm_type` must be a positive number"),
+])
+def test_bad_arguments_touch_nothing(args, exc, match):
+    model, opt, scaler = _scaled_setup()
+    before = [q.grad.clone() for q in model.parameters()]
+    args = [{"scaler": scaler, "opt": opt}.get(a, a) if isinstance(a, str) else a for a in args]
+    with pytest.raises(exc, match=match):
+        fastclip.unscale_and_clip_(*args)
+    for q, b in zip(model.parameters(), before):
+        assert torch.equal(q.grad, b)
+    assert scaler._per_optimizer_states[id(opt)]["stage"].name == "READY"
+
+
+def test_disabled_scaler_is_plain_clip():
+    w = param_with_grad(torch.tensor([3.0, 4.0]))
+    opt = torch.optim.SGD([w], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    assert float(fastclip.unscale_and_clip_(scaler, opt, 1.0)) == 5.0
+    torch.testing.assert_close(w.grad, torch.tensor([0.6, 0.8]))
+
+
+def test_no_grads_records_like_torch():
+    w = torch.zeros(3, requires_grad=True)
+    opt = torch.optim.SGD([w], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    scaler.scale(torch.zeros(()))
+    assert float(fastclip.unscale_and_clip_(scaler, opt, 1.0)) == 0.0
+    state = scaler._per_optimizer_states[id(opt)]
+    assert state["stage"].name == "UNSCALED" and state["found_inf_per_device"] == {}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_and_never_syncs():
+    ours, ref = _run(_fastclip_sequence, device="cuda")
+    for step, (a, b) in enumerate(zip(ours, ref)):
+        torch.testing.assert_close(a["norm"], b["norm"], rtol=0, atol=0, equal_nan=True)
+        for pa, pb in zip(a["params"], b["params"]):
+            torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+        assert torch.equal(a["scale"], b["scale"])
+    model = _model(device="cuda")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cuda")
+    _backward(model, scaler, torch.randn(5, 6, device="cuda"), bad=math.inf)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fastclip.unscale_and_clip_(scaler, opt, 1.0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    found = scaler._per_optimizer_states[id(opt)]["found_inf_per_device"]
+    assert float(found[torch.device("cuda", 0)]) == 1.0

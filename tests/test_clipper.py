@@ -1,0 +1,488 @@
+"""GradClipper and its policies: thresholds against transcriptions of the published algorithms,
+grads against torch's clipping with the same threshold, non-finite modes, summary, and resuming
+from a checkpoint bit for bit."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.utils.clip_grad as torch_clip
+
+import fastclip
+from fastclip import AutoClip, GradClipper, ZClip
+from fastclip.policies import ClipPolicy
+from device_style import DeviceStyleBackend, device_style  # noqa: F401 (fixture)
+from reference import ALL_DTYPES, assert_bitwise_equal
+
+SHAPES = [(6, 5), (5,), (3, 2, 2), ()]
+
+
+def grads_at(step: int, dtype=torch.float32, spikes=(), bad=None):
+    """Deterministic grads of step ``step``: a slowly varying scale, x30 on ``spikes`` steps,
+    and one element set to ``bad`` (inf/NaN) when given."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    scale = 0.5 + 0.4 * math.sin(step / 3.0) + 0.2 * float(torch.rand((), generator=gen))
+    if step in spikes:
+        scale *= 30.0
+    grads = [(torch.randn(s, dtype=torch.float64, generator=gen) * scale).to(dtype) for s in SHAPES]
+    if bad is not None:
+        grads[1][2] = bad
+    return grads
+
+
+def make_params(dtype=torch.float32):
+    return [torch.zeros(s, dtype=dtype, requires_grad=True) for s in SHAPES]
+
+
+def set_grads(params, grads):
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+
+
+def torch_clip_with(grads, threshold, norm):
+    """torch's own clip of ``grads`` with ``threshold`` (a float or a 0-d tensor) and ``norm``."""
+    params = make_params(grads[0].dtype)
+    set_grads(params, grads)
+    torch_clip._clip_grads_with_norm_(params, threshold, norm, foreach=False)
+    return [p.grad for p in params]
+
+
+# --- references: the published algorithms, transcribed in Python floats -----------------------
+
+
+class AutoClipRef:
+    """Seetharaman et al. (2020): append the norm, clip to the percentile of the history."""
+
+    def __init__(self, percentile, history):
+        self.q, self.history, self.norms = percentile, history, []
+
+    def threshold(self, norm, finite=True):
+        self.norms.append(norm if finite else math.nan)
+        window = [x for x in self.norms[-self.history:] if not math.isnan(x)]
+        return float(np.percentile(window, self.q)) if window else math.nan
+
+
+class ZClipRef:
+    """Kumar et al. (2025), reference code's zscore / adaptive_scaling mode, clip_factor=1."""
+
+    def __init__(self, alpha, z_thresh, warmup):
+        self.alpha, self.z, self.warmup = alpha, z_thresh, warmup
+        self.buffer, self.mean, self.var = [], None, None
+
+    def threshold(self, norm, finite=True):
+        if not finite:
+            return math.inf
+        if self.mean is None:
+            self.buffer.append(norm)
+            if len(self.buffer) >= self.warmup:
+                self.mean = sum(self.buffer) / len(self.buffer)
+                self.var = sum((x - self.mean) * (x - self.mean) for x in self.buffer) / len(self.buffer)
+            return math.inf
+        std = math.sqrt(self.var)
+        z = (norm - self.mean) / (std + 1e-6)
+        clip = None
+        if z > self.z:
+            eta = z / self.z
+            clip = self.mean + (self.z * std) / eta
+        value = clip if clip is not None else norm
+        self.mean = self.alpha * self.mean + (1 - self.alpha) * value
+        d = value - self.mean
+        self.var = self.alpha * self.var + (1 - self.alpha) * (d * d)
+        return clip if clip is not None else math.inf
+
+
+def run_against_reference(policy, ref, steps, dtype=torch.float32, spikes=(), bad_steps=(),
+                          max_norm=None, nonfinite="propagate"):
+    params = make_params(dtype)
+    clipper = GradClipper(params, max_norm=max_norm, policy=policy, nonfinite=nonfinite)
+    cap = math.inf if max_norm is None else max_norm
+    clipped = []
+    for step in range(steps):
+        grads = grads_at(step, dtype, spikes, math.nan if step in bad_steps else None)
+        set_grads(params, grads)
+        norm = clipper.step()
+        finite = math.isfinite(float(norm))
+        expected = ref.threshold(float(norm), finite)
+        expected = cap if math.isnan(expected) else min(expected, cap)
+        got = float(clipper.threshold)
+        assert got == float(torch.tensor(expected, dtype=norm.dtype)), (step, got, expected)
+        if not finite:
+            continue
+        want = torch_clip_with(grads, clipper.threshold, norm)
+        for p, w in zip(params, want):
+            assert_bitwise_equal(p.grad, w)
+        if any(not torch.equal(p.grad, g) for p, g in zip(params, grads)):
+            clipped.append(step)
+    return clipper, clipped
+
+
+# --- policies ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_fixed_threshold_is_clip_grad_norm(dtype):
+    ours, theirs = make_params(dtype), make_params(dtype)
+    clipper = GradClipper(ours, max_norm=0.8)
+    changed = 0
+    for step in range(6):
+        grads = grads_at(step, dtype)
+        set_grads(ours, grads)
+        set_grads(theirs, grads)
+        norm = clipper.step()
+        expected = fastclip.clip_grad_norm_(theirs, max_norm=0.8)
+        assert_bitwise_equal(norm, expected)
+        for a, b in zip(ours, theirs):
+            assert_bitwise_equal(a.grad, b.grad)
+        # and torch's own scaling, given that norm:
+        for a, w in zip(ours, torch_clip_with(grads, 0.8, norm)):
+            assert_bitwise_equal(a.grad, w)
+        changed += any(not torch.equal(a.grad, g) for a, g in zip(ours, grads))
+    assert changed >= 3
+    assert float(clipper.threshold) == float(torch.tensor(0.8, dtype=norm.dtype))
+
+
+@pytest.mark.parametrize("norm_type", [1.0, 3.0, math.inf])
+def test_fixed_threshold_other_norms(norm_type):
+    ours, theirs = make_params(), make_params()
+    clipper = GradClipper(ours, max_norm=1.5, norm_type=norm_type)
+    for step in range(3):
+        set_grads(ours, grads_at(step))
+        set_grads(theirs, grads_at(step))
+        assert_bitwise_equal(clipper.step(), fastclip.clip_grad_norm_(theirs, 1.5, norm_type))
+        for a, b in zip(ours, theirs):
+            assert_bitwise_equal(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_autoclip_matches_reference(dtype):
+    clipper, clipped = run_against_reference(AutoClip(percentile=25, history=9),
+                                             AutoClipRef(25, 9), steps=30, dtype=dtype)
+    assert 15 <= len(clipped) <= 29  # about 75% of steps clip (the history's percentile is below them)
+
+
+def test_autoclip_cap_and_first_step():
+    # max_norm caps the percentile; the first step's threshold is its own norm (torch then scales
+    # by norm / (norm + 1e-6), as the paper's code does through clip_grad_norm_).
+    run_against_reference(AutoClip(percentile=90, history=50), AutoClipRef(90, 50), steps=12,
+                          max_norm=1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_zclip_matches_reference_and_clips_spikes(dtype):
+    spikes = (14, 22, 23)
+    clipper, clipped = run_against_reference(ZClip(alpha=0.9, z_thresh=2.5, warmup=8),
+                                             ZClipRef(0.9, 2.5, 8), steps=30, dtype=dtype,
+                                             spikes=spikes)
+    # The spikes, and step 24: a natural peak (norm 8.7 against mean 4.3, std 1.4: z = 3.3).
+    # Nothing during warmup, nor right after the spikes (the EMA took their clipped values).
+    assert clipped == [14, 22, 23, 24]
+
+
+def test_zclip_warmup_uses_max_norm_and_skips_nonfinite():
+    # During warmup only max_norm clips; a NaN step neither clips by z nor enters the statistics.
+    run_against_reference(ZClip(alpha=0.97, z_thresh=2.0, warmup=5), ZClipRef(0.97, 2.0, 5),
+                          steps=20, spikes=(12,), bad_steps=(3, 9), max_norm=1.2, nonfinite="skip")
+
+
+def test_autoclip_history_ignores_nonfinite_steps():
+    run_against_reference(AutoClip(percentile=50, history=6), AutoClipRef(50, 6), steps=16,
+                          bad_steps=(0, 4, 5), nonfinite="zero")
+
+
+# --- non-finite grads --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan], ids=["inf", "nan"])
+@pytest.mark.parametrize("policy", [None, AutoClip(history=4), ZClip(warmup=2)], ids=["fixed", "autoclip", "zclip"])
+def test_nonfinite_modes(bad, policy):
+    def fresh(mode):
+        params = make_params()
+        clipper = GradClipper(params, max_norm=1.0, policy=policy, nonfinite=mode)
+        for step in range(3):  # some history first
+            set_grads(params, grads_at(step))
+            clipper.step()
+        set_grads(params, grads_at(3, bad=bad))
+        return params, clipper
+
+    grads = grads_at(3, bad=bad)
+
+    params, clipper = fresh("propagate")  # torch's behaviour: scaled by a 0 or NaN coefficient
+    norm = clipper.step()
+    torch_params = make_params()
+    set_grads(torch_params, grads)
+    torch.nn.utils.clip_grad_norm_(torch_params, clipper.threshold)
+    for p, q in zip(params, torch_params):
+        assert_bitwise_equal(p.grad, q.grad, nan_bits=False)
+    assert bool(clipper.found_nonfinite) and not bool(clipper.skipped)
+
+    params, clipper = fresh("error")
+    before = clipper.state_dict()
+    with pytest.raises(RuntimeError, match="nonfinite='error'.*no gradient was changed"):
+        clipper.step()
+    for p, g in zip(params, grads):
+        assert_bitwise_equal(p.grad, g, nan_bits=False)
+    after = clipper.state_dict()
+    assert after["steps"] == before["steps"] == 3
+    for key in before["state"]:
+        assert torch.equal(before["state"][key].nan_to_num(7.0), after["state"][key].nan_to_num(7.0))
+
+    params, clipper = fresh("skip")
+    norm = clipper.step()
+    assert not math.isfinite(float(norm)) and bool(clipper.skipped) and bool(clipper.found_nonfinite)
+    for p, g in zip(params, grads):
+        assert_bitwise_equal(p.grad, g)  # untouched, bit for bit
+    set_grads(params, grads_at(4))
+    clipper.step()
+    assert not bool(clipper.skipped)  # negative control: a finite step is not skipped
+
+    params, clipper = fresh("zero")
+    clipper.step()
+    for p in params:
+        assert_bitwise_equal(p.grad, torch.zeros_like(p.grad))
+    assert bool(clipper.found_nonfinite) and not bool(clipper.skipped)
+    assert clipper.summary()["nonfinite_steps"] == 1
+
+
+def test_skip_and_zero_leave_finite_steps_as_propagate():
+    runs = {}
+    for mode in ("propagate", "skip", "zero"):
+        params = make_params()
+        clipper = GradClipper(params, max_norm=0.7, nonfinite=mode)
+        out = []
+        for step in range(5):
+            set_grads(params, grads_at(step))
+            out.append((clipper.step(), [p.grad.clone() for p in params]))
+        runs[mode] = out
+    for mode in ("skip", "zero"):
+        for (n1, g1), (n2, g2) in zip(runs[mode], runs["propagate"]):
+            assert_bitwise_equal(n1, n2)
+            for a, b in zip(g1, g2):
+                assert_bitwise_equal(a, b)
+
+
+# --- no host reads in the step -----------------------------------------------------------------
+
+
+class _NoHostReads:
+    """Makes every Python-level read of a tensor value raise while ``strict`` is on."""
+
+    strict = False
+
+    def __init__(self, monkeypatch):
+        for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, self._guard(name, original))
+
+    def _guard(self, name, original):
+        def guarded(t, *args, **kwargs):
+            if _NoHostReads.strict:
+                raise AssertionError(f"Tensor.{name} read a value back to the host")
+            return original(t, *args, **kwargs)
+        return guarded
+
+
+def _lenient(fn):
+    def call(*args, **kwargs):
+        strict, _NoHostReads.strict = _NoHostReads.strict, False
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _NoHostReads.strict = strict
+    return call
+
+
+class _LenientBackend(DeviceStyleBackend):
+    """The device-style backend; a real device backend reads nothing, so its own reads of the
+    CPU stand-in's values are allowed."""
+
+    power_sums = staticmethod(_lenient(DeviceStyleBackend.power_sums))
+    scale_ = staticmethod(_lenient(DeviceStyleBackend.scale_))
+
+
+@pytest.mark.parametrize("policy", [None, AutoClip(history=5), ZClip(warmup=3)], ids=["fixed", "autoclip", "zclip"])
+@pytest.mark.parametrize("mode", ["propagate", "skip"])
+def test_step_never_reads_device_values(monkeypatch, policy, mode):
+    """With a device-style backend, a step reads no tensor value back (a sync on a GPU)."""
+    from fastclip import _plan
+
+    monkeypatch.setattr(_plan, "_backend_for", lambda device: _LenientBackend)
+    # Plan.scale_ reads the coefficient for CPU tensor sets only (a device set gets the tensor).
+    monkeypatch.setattr(_plan.Plan, "scale_", _lenient(_plan.Plan.scale_))
+    _NoHostReads(monkeypatch)
+    params = make_params()
+    clipper = GradClipper(params, max_norm=2.0, policy=policy, nonfinite=mode)
+    for step in range(8):
+        set_grads(params, grads_at(step, spikes=(6,), bad=math.nan if step == 4 else None))
+        _NoHostReads.strict = True
+        try:
+            clipper.step()
+        finally:
+            _NoHostReads.strict = False
+    _NoHostReads.strict = True
+    try:  # negative control: the guard does catch a read
+        with pytest.raises(AssertionError, match="read a value back"):
+            float(clipper.threshold)
+    finally:
+        _NoHostReads.strict = False
+    assert clipper.summary()["steps"] == 8
+
+
+# --- summary -----------------------------------------------------------------------------------
+
+
+def test_summary_counts_and_percentiles():
+    params = make_params()
+    clipper = GradClipper(params, max_norm=1.5, nonfinite="skip", window=8)
+    norms, clipped = [], 0
+    for step in range(20):
+        bad = math.inf if step in (5, 17) else None
+        set_grads(params, grads_at(step, bad=bad))
+        before = [p.grad.clone() for p in params]
+        norm = float(clipper.step())
+        norms.append(norm)
+        clipped += math.isfinite(norm) and any(not torch.equal(p.grad, b) for p, b in zip(params, before))
+    s = clipper.summary(percentiles=(0, 50, 90, 100))
+    assert s["steps"] == 20 and s["nonfinite_steps"] == 2
+    assert s["clipped_steps"] == clipped and 0 < clipped < 18
+    assert s["clipped_fraction"] == clipped / 20
+    window = [x for x in norms[-8:] if math.isfinite(x)]
+    for q, value in s["norm_percentiles"].items():
+        assert value == pytest.approx(float(np.percentile(window, q)), rel=1e-15, abs=0)
+    assert s["threshold"] == pytest.approx(1.5, rel=1e-7)
+    empty = GradClipper(make_params()).summary()
+    assert empty["steps"] == 0 and math.isnan(empty["norm_percentiles"][50])
+    with pytest.raises(ValueError, match="`percentiles` must be in"):
+        clipper.summary(percentiles=(150,))
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+
+def _run(clipper, params, steps, spikes, bad_steps):
+    out = []
+    for step in steps:
+        set_grads(params, grads_at(step, spikes=spikes, bad=math.nan if step in bad_steps else None))
+        norm = clipper.step()
+        out.append((norm.clone(), [p.grad.clone() for p in params], clipper.threshold.clone()))
+    return out
+
+
+def _assert_same(run_a, run_b):
+    for (na, ga, ta), (nb, gb, tb) in zip(run_a, run_b):
+        assert_bitwise_equal(na, nb, nan_bits=False)
+        assert_bitwise_equal(ta, tb)
+        for a, b in zip(ga, gb):
+            assert_bitwise_equal(a, b, nan_bits=False)
+
+
+@pytest.mark.parametrize("policy", [None, AutoClip(percentile=20, history=7), ZClip(alpha=0.9, warmup=5)],
+                         ids=["fixed", "autoclip", "zclip"])
+def test_resume_from_checkpoint_is_bitwise_identical(policy):
+    total, k, spikes, bad = 26, 11, (15, 19), (8,)
+    # A cap high enough that the adaptive thresholds decide.
+    kwargs = dict(max_norm=3.0 if policy is None else 50.0, policy=policy, nonfinite="skip", window=10)
+    params = make_params()
+    full = GradClipper(params, **kwargs)
+    uninterrupted = _run(full, params, range(total), spikes, bad)
+
+    params = make_params()
+    first = GradClipper(params, **kwargs)
+    _run(first, params, range(k), spikes, bad)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    resumed_params = make_params()
+    resumed = GradClipper(resumed_params, **kwargs)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    tail = _run(resumed, resumed_params, range(k, total), spikes, bad)
+    _assert_same(tail, uninterrupted[k:])
+    assert resumed.steps == total and resumed.summary() == full.summary()
+
+    if policy is not None:  # negative control: without the checkpoint the thresholds differ
+        fresh_params = make_params()
+        fresh = _run(GradClipper(fresh_params, **kwargs), fresh_params, range(k, total), spikes, bad)
+        assert any(float(a[2]) != float(b[2]) for a, b in zip(fresh, uninterrupted[k:]))
+
+
+def test_load_state_dict_rejects_other_configurations():
+    params = make_params()
+    clipper = GradClipper(params, max_norm=1.0, policy=ZClip(warmup=3))
+    set_grads(params, grads_at(0))
+    clipper.step()
+    state = clipper.state_dict()
+    with pytest.raises(ValueError, match=r"configured differently \(policy: saved"):
+        GradClipper(make_params(), max_norm=1.0, policy=ZClip(warmup=4)).load_state_dict(state)
+    with pytest.raises(ValueError, match="max_norm: saved 1.0, here 2.0"):
+        GradClipper(make_params(), max_norm=2.0, policy=ZClip(warmup=3)).load_state_dict(state)
+    with pytest.raises(ValueError, match="not a GradClipper state"):
+        GradClipper(make_params()).load_state_dict({"steps": 3})
+    same = GradClipper(make_params(), max_norm=1.0, policy=ZClip(warmup=3))
+    same.load_state_dict(state)  # the same configuration loads
+    assert same.steps == 1
+    unstarted = GradClipper(make_params())
+    GradClipper(make_params()).load_state_dict(unstarted.state_dict())  # before any step, too
+
+
+# --- arguments ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, error, words", [
+    (dict(policy=0.5), TypeError, "`policy` must be None, fastclip.AutoClip(...) or fastclip.ZClip(...), "
+                                  "got 0.5 of type float (pass a fixed threshold as `max_norm`)"),
+    (dict(policy="zclip"), TypeError, "`policy`"),
+    (dict(nonfinite="ignore"), ValueError, "`nonfinite` must be one of 'propagate', 'error', 'skip', "
+                                           "'zero', got 'ignore'"),
+    (dict(max_norm=-1.0), ValueError, "`max_norm` must be a non-negative number, got -1.0"),
+    (dict(max_norm=math.nan), ValueError, "`max_norm`"),
+    (dict(max_norm="1"), TypeError, "`max_norm` must be a real number or None"),
+    (dict(max_norm=None), ValueError, "`max_norm` is the fixed threshold when `policy` is None"),
+    (dict(norm_type=0), ValueError, "`norm_type`"),
+    (dict(window=0), ValueError, "`window` must be an integer >= 1, got 0"),
+])
+def test_bad_arguments(kwargs, error, words):
+    with pytest.raises(error, match="GradClipper") as info:
+        GradClipper(make_params(), **kwargs)
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize("make, error, words", [
+    (lambda: AutoClip(percentile=101), ValueError, "AutoClip: `percentile` must be in [0.0, 100.0], got 101.0"),
+    (lambda: AutoClip(percentile="10"), TypeError, "AutoClip: `percentile` must be a real number"),
+    (lambda: AutoClip(history=0), ValueError, "AutoClip: `history` must be an integer >= 1, got 0"),
+    (lambda: AutoClip(history=2.5), ValueError, "`history`"),
+    (lambda: ZClip(alpha=1.0), ValueError, "ZClip: `alpha` must be in (0.0, 1.0), got 1.0"),
+    (lambda: ZClip(z_thresh=0), ValueError, "ZClip: `z_thresh` must be in (0.0, inf)"),
+    (lambda: ZClip(warmup=0), ValueError, "ZClip: `warmup` must be an integer >= 1, got 0"),
+])
+def test_bad_policy_arguments(make, error, words):
+    with pytest.raises(error) as info:
+        make()
+    assert words in str(info.value)
+
+
+def test_parameters_without_grads_and_bad_elements():
+    params = make_params()
+    clipper = GradClipper(params)
+    assert float(clipper.step()) == 0.0 and clipper.steps == 0  # no grads: nothing recorded
+    with pytest.raises(TypeError, match=r"GradClipper: every element of `parameters`.*index 1"):
+        GradClipper([params[0], 3.0])
+    gen_clipper = GradClipper(p for p in params)  # a generator is read once, like an optimizer's
+    set_grads(params, grads_at(0))
+    assert math.isfinite(float(gen_clipper.step())) and gen_clipper.steps == 1
+
+
+def test_mixed_dtypes_and_policy_objects_are_shareable():
+    policy = ZClip(warmup=2)
+    a, b = make_params(torch.bfloat16), make_params(torch.float64)
+    ca, cb = GradClipper(a, policy=policy), GradClipper(b, policy=policy)
+    for step in range(4):
+        set_grads(a, grads_at(step, torch.bfloat16))
+        set_grads(b, grads_at(step + 50, torch.float64))
+        assert ca.step().dtype == torch.float32 and cb.step().dtype == torch.float64
+    # Each clipper keeps its own state: the shared policy object holds none.
+    assert ca._policy_state["mean"] != cb._policy_state["mean"]
+    assert isinstance(policy, ClipPolicy) and "GradClipper(" in repr(ca)

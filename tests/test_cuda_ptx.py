@@ -1,0 +1,100 @@
+"""The real CUDA kernels compile to PTX for compute capability 9.0, with no GPU needed.
+
+numba-cuda compiles through libNVVM (from the CUDA toolkit, or the nvidia-cuda-nvrtc wheel), so
+a kernel that no longer compiles fails CI here rather than on the first GPU that runs it. The
+PTX is also checked for the instructions the design relies on, and assembled with ``ptxas``
+when the toolkit has it.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import types
+
+import pytest
+
+pytestmark = pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") == "1",
+                                reason="the simulator has no PTX compiler")
+
+cuda = pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
+CC = (9, 0)
+
+
+@pytest.fixture(scope="module")
+def ptx(tmp_path_factory):
+    """Every kernel of ``fastclip.kernels.cuda``, compiled once: {name: PTX text}."""
+    from numba.cuda.cudadrv.error import NvvmSupportError
+
+    import numba.cuda.dispatcher as dispatcher
+    from fastclip.kernels import cuda as K
+
+    original = dispatcher.get_current_device
+    if not cuda.is_available():
+        # numba-cuda types a kernel's device functions for "the current device", even when
+        # compile_ptx is given a target: without a GPU, say it is a cc 9.0 one.
+        dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=CC)
+    try:
+        out = {}
+        for name, (kernel, sig) in K.KERNELS.items():
+            try:
+                text, _ = cuda.compile_ptx(kernel.py_func, sig, cc=CC)
+            except NvvmSupportError as e:
+                pytest.skip(f"libNVVM is not available ({e}): install the CUDA toolkit or the "
+                            "nvidia-cuda-nvrtc wheel (pip install fastclip[cuda])")
+            out[name] = text
+        return out
+    finally:
+        dispatcher.get_current_device = original
+
+
+def test_every_kernel_compiles_for_sm_90(ptx):
+    from fastclip.kernels import cuda as K
+
+    assert set(ptx) == set(K.KERNELS)
+    for name, text in ptx.items():
+        assert ".target sm_90" in text
+        assert re.search(r"\.entry\s+\S*" + name, text), f"no entry point for {name}"
+
+
+def test_power_sums_kernel_has_the_last_block_finalize(ptx):
+    text = ptx["power_sums_kernel"]
+    assert re.search(r"atom(\.global)?\.add\.u64", text)  # the tickets
+    assert "membar.gl" in text or "fence.sc.gpu" in text or "fence.acq_rel.gpu" in text  # threadfence
+    assert "bar.sync" in text  # block trees
+    assert "sqrt.rn.f64" in text  # correctly rounded, like torch's sqrt
+    assert "ld.global.cg.f64" in text  # the last block reads other blocks' partials past L1
+    # The coefficient's reciprocal is correctly rounded (torch's 1 / x), never approximate.
+    assert "rcp.rn.f32" in text or "div.rn.f32" in text
+    assert "div.approx.f32" not in text and "rcp.approx.f32" not in text and ".ftz.f32" not in text
+
+
+def test_scale_kernel_rounds_16_bit_results_to_nearest_even(ptx):
+    text = ptx["scale_kernel"]
+    assert "cvt.rn.f16.f32" in text  # fp16 encode (bf16 is encoded with integer ops)
+    assert "cvt.f32.f16" in text
+    assert ".ftz" not in text  # subnormal grads are scaled, not flushed
+
+
+def _ptxas():
+    found = shutil.which("ptxas")
+    if found:
+        return found
+    for path in sorted(glob.glob("/usr/local/cuda*/bin/ptxas"), reverse=True):
+        return path
+    return None
+
+
+def test_ptx_assembles_for_sm_90(ptx, tmp_path):
+    ptxas = _ptxas()
+    if ptxas is None:
+        pytest.skip("ptxas (CUDA toolkit) not found; the PTX compile above still ran")
+    for name, text in ptx.items():
+        src = tmp_path / f"{name}.ptx"
+        src.write_text(text)
+        proc = subprocess.run([ptxas, "-arch=sm_90", "-v", str(src), "-o", str(tmp_path / f"{name}.cubin")],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, f"ptxas rejected {name}:\n{proc.stderr[-3000:]}"

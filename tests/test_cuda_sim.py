@@ -1,0 +1,359 @@
+"""The CUDA kernels' logic, run in numba's CUDA simulator on tiny inputs (no GPU needed).
+
+numba reads ``NUMBA_ENABLE_CUDASIM`` once, at import, for the whole process. So in an ordinary
+test run, ``test_simulator_suite`` starts a second pytest on this file with the variable set,
+and every other test here is skipped; in that child run, the tests below run and the launcher
+skips itself. To run them directly: ``NUMBA_ENABLE_CUDASIM=1 python3 -m pytest tests/test_cuda_sim.py``.
+
+In the simulator, "device" memory is host memory: tensors are CPU tensors, and the kernels reach
+them through their addresses exactly as on a GPU. Blocks have 32 threads (``THREADS``) and grids
+at most 3 blocks, and chunks are made small so that every tensor spans several of them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fastclip.kernels.layout import NORM_INF, NORM_L1, NORM_L2, NORM_POWER
+
+SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+needs_sim = pytest.mark.skipif(not SIM, reason="runs in the simulator child process "
+                                               "(see test_simulator_suite)")
+
+
+def test_simulator_suite():
+    """Run this file in a child pytest with NUMBA_ENABLE_CUDASIM=1 (numba reads it at import)."""
+    if SIM:
+        pytest.skip("already in the simulator process")
+    pytest.importorskip("numba.cuda")
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", __file__],
+        env=env, capture_output=True, text=True, timeout=900,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, f"simulator tests failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-3000:]}"
+    assert " passed" in proc.stdout and " skipped" in proc.stdout, proc.stdout[-2000:]
+
+
+if SIM:
+    from reference import (ALL_DTYPES, assert_bitwise_equal, exact_power_sum, reference_clip_,
+                           reference_coef, tensor_power_sum)
+
+    import fastclip
+    from fastclip import _cpu, _cuda, _plan
+    from fastclip._table import TensorTable
+    from fastclip.kernels import cuda as K
+
+# Elements per chunk here: more than 4 * THREADS, so the kernels' 4-way unrolled loops run, and
+# their tails too; every big tensor below spans several chunks.
+CHUNK = 150
+
+
+@pytest.fixture(autouse=True)
+def _small_chunks(monkeypatch):
+    if SIM:
+        monkeypatch.setattr(_cuda, "CHUNK_SIZE", CHUNK)
+        monkeypatch.setattr(_cuda, "MAX_BLOCKS", None)
+        _cuda.clear_cache()
+    yield
+
+
+def _table(tensors):
+    return TensorTable.from_tensors(tensors, [t.dtype for t in tensors])
+
+
+def _mixed_set(many: bool = False):
+    """Every dtype, an empty tensor, several chunks per tensor, sizes that are not multiples of
+    THREADS or CHUNK; with ``many``, more tensors than THREADS and an empty one past index
+    THREADS (the finalize's strided loop over tensors)."""
+    g = torch.Generator().manual_seed(1)
+    sizes = [400, 0, 170, 300, 200] + ([3] * 28 + [0, 5] if many else [5])
+    dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+    out = []
+    for i, n in enumerate(sizes):
+        dtype = dtypes[i % len(dtypes)] if i < 5 else torch.float32
+        out.append((torch.randn(n, dtype=torch.float64, generator=g) * (i + 1)).to(dtype))
+    return out
+
+
+def _partials(entry):
+    start = K.SCRATCH_PARTIALS
+    return entry.scratch_tensor[start:start + entry.nc].view(torch.float64).clone()
+
+
+@needs_sim
+@pytest.mark.parametrize("p", [2.0, math.inf, 3.0])
+def test_partials_per_tensor_and_total_are_exact(p):
+    tensors = _mixed_set(many=p == 2.0)
+    table = _table(tensors)
+    r = _cuda.power_sums(table, p)
+    entry = _cuda.device_table(table)
+    assert entry.nc > 2 * entry.grid  # blocks take several chunks each (grid-stride)
+    # One partial per chunk, in chunk order.
+    host, n, nc = _cuda.host_table(table, CHUNK)
+    lay = K.table_layout(n, nc)
+    partials = _partials(entry)
+    for c in range(nc):
+        t = int(host[lay["tensor"] + c])
+        piece = tensors[t].reshape(-1)[int(host[lay["start"] + c]):int(host[lay["stop"] + c])]
+        ref = tensor_power_sum(piece, p)
+        assert math.isclose(float(partials[c]), ref, rel_tol=1e-14, abs_tol=0.0), (c, t)
+    per_ref = [tensor_power_sum(t, p) for t in tensors]
+    assert r.per_tensor.dtype == torch.float64 and r.per_tensor.shape == (len(tensors),)
+    tol = 0.0 if p == math.inf else 1e-14
+    for got, ref in zip(r.per_tensor.tolist(), per_ref):
+        assert math.isclose(got, ref, rel_tol=tol, abs_tol=0.0)
+    assert r.total.dtype == torch.float64 and r.total.dim() == 0
+    assert math.isclose(float(r.total), exact_power_sum(tensors, p), rel_tol=tol, abs_tol=0.0)
+    assert int(r.nonfinite) == 0
+    # Every ticket is back at zero for the next launch.
+    assert not entry.scratch_tensor[K.SCRATCH_TICKET]
+    assert not entry.scratch_tensor[K.SCRATCH_PARTIALS + 2 * nc:].any()
+
+
+@needs_sim
+def test_deterministic_for_any_grid():
+    tensors = _mixed_set()
+    results = []
+    for blocks in (1, 3):
+        _cuda.MAX_BLOCKS = blocks
+        _cuda.clear_cache()
+        table = _table(tensors)
+        r = _cuda.power_sums(table, 2.0)
+        assert _cuda.device_table(table).grid == blocks
+        results.append((r.total.clone(), r.per_tensor.clone(), _partials(_cuda.device_table(table))))
+    for total, per, partials in results[1:]:
+        assert_bitwise_equal(total, results[0][0])
+        assert_bitwise_equal(per, results[0][1])
+        assert_bitwise_equal(partials, results[0][2])
+
+
+@needs_sim
+@pytest.mark.parametrize("kind", [NORM_L2, NORM_INF])
+def test_strided_fold_takes_each_value_once_in_a_fixed_order(kind):
+    """The finalize's per-thread fold (plain Python in the simulator), on more values than the
+    small launches above produce, so its 8-way unrolled rounds run too."""
+    vals = np.random.default_rng(0).standard_normal(1000) ** 2
+    vals[777] = 50.0
+    for first, stop in ((0, 1000), (3, 700), (5, 6), (9, 9)):
+        folds = [K._strided_fold(vals.ctypes.data, first, stop, tid, kind) for tid in range(K.THREADS)]
+        for tid, got in enumerate(folds):
+            mine = vals[first + tid:stop:K.THREADS]
+            if kind == NORM_INF:
+                assert got == (mine.max() if len(mine) else 0.0)
+            else:
+                ref = 0.0
+                for v in mine:  # the same left-to-right order
+                    ref += v
+                assert got == ref
+
+
+@needs_sim
+def test_nonfinite_count_rescans_only_bad_chunks():
+    tensors = [torch.randn(100), torch.randn(60).half(), torch.randn(70, dtype=torch.float64),
+               torch.randn(50).bfloat16()]
+    tensors[0][[3, 99]] = torch.tensor([math.inf, math.nan])
+    tensors[1][10] = -math.inf
+    tensors[3][49] = math.nan
+    r = _cuda.power_sums(_table(tensors), 2.0, count_nonfinite=True)
+    assert int(r.nonfinite) == 4
+    assert math.isnan(float(r.total))
+    # Counting is opt-in: without it the count reads 0 (and the pass does no rescan).
+    assert int(_cuda.power_sums(_table(tensors), 2.0, count_nonfinite=False).nonfinite) == 0
+    # For inf the partial of a chunk holding NaN is NaN: NaN wins the max, like torch.amax.
+    assert math.isnan(float(_cuda.power_sums(_table(tensors), math.inf).total))
+
+
+@needs_sim
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's notes on inf * 0 (NaN, as intended)
+@pytest.mark.parametrize("kind,p", [(NORM_L2, 2.0), (NORM_L1, 1.0), (NORM_INF, math.inf),
+                                    (NORM_POWER, 3.0), (NORM_POWER, 0.5), (NORM_POWER, 1 / 3)])
+def test_norm_and_coefficient_are_torchs(kind, p):
+    """The last block's root and coefficient, evaluated directly (a device function is plain
+    Python in the simulator), against torch's own ops on the same float64 totals."""
+    g = torch.Generator().manual_seed(2)
+    totals = (torch.rand(40, dtype=torch.float64, generator=g) * 10.0 ** torch.randint(-12, 12, (40,), generator=g)).tolist()
+    totals += [0.0, 1e-12, math.inf, math.nan]
+    buf = np.zeros(2, dtype=np.float64)
+    for dtype, flags in ((torch.float32, 0), (torch.float64, K.RESULT_F64)):
+        for total in totals:
+            for max_norm in (0.0, 1e-3, 1.0, 7.5, math.inf):
+                buf[:] = 0.0
+                K._write_norm_coef(total, kind, p, flags, max_norm,
+                                   buf.ctypes.data, buf.ctypes.data + 8)
+                got = torch.from_numpy(buf.copy())
+                got_norm, got_coef = (got[0], got[1]) if flags else (got[0:1].view(torch.float32)[0],
+                                                                     got[1:2].view(torch.float32)[0])
+                t64 = torch.tensor(total, dtype=torch.float64)
+                ref_norm = (t64.sqrt() if p == 2.0 else t64 if p in (1.0, math.inf) else t64.pow(1.0 / p)).to(dtype)
+                if math.isnan(total):
+                    assert math.isnan(float(got_norm)) and math.isnan(float(got_coef))
+                    continue
+                if kind == NORM_POWER and 1.0 / p not in (0.5, 1.0, 2.0, 3.0):
+                    # generic pow: libm here, CUDA's pow on a GPU (bitwise there: test_cuda_gpu)
+                    assert math.isclose(float(got_norm), float(ref_norm), rel_tol=4e-16 if flags else 1.2e-7)
+                    ref_norm = got_norm
+                else:
+                    assert_bitwise_equal(got_norm, ref_norm, nan_bits=False)
+                assert_bitwise_equal(got_coef, reference_coef(max_norm, ref_norm), nan_bits=False)
+
+
+@needs_sim
+def test_scale_reads_coefficient_from_device_memory_and_skips_when_ge_1():
+    tensors = [torch.randn(100), torch.randn(70, dtype=torch.float64), torch.randn(60).half(),
+               torch.randn(50).bfloat16()]
+    before = [t.clone() for t in tensors]
+    table = _table(tensors)
+    # coef >= 1: every block returns at once. 1.5 would visibly change the grads if applied.
+    for coef in (torch.tensor(1.5), torch.tensor(1.0, dtype=torch.float64)):
+        _cuda.scale_(table, coef)
+        for t, b in zip(tensors, before):
+            assert_bitwise_equal(t, b)
+    # coef < 1: applied, with torch's mul_ rounding (float32 multiply for 32- and 16-bit grads).
+    coef = torch.tensor(0.3)
+    _cuda.scale_(table, coef)
+    for t, b in zip(tensors, before):
+        assert_bitwise_equal(t, b.mul_(coef))
+    # NaN is not >= 1: it is applied, as torch does.
+    _cuda.scale_(table, torch.tensor(math.nan))
+    assert all(bool(t.isnan().all()) for t in tensors)
+
+
+@needs_sim
+def test_16bit_scale_rounds_like_torch_and_the_cpu_kernels():
+    """fp16 and bf16 bit patterns (a strided sample of all 65536, plus specials) times float32
+    coefficients: equal bit for bit to torch's ``mul_`` and to the CPU kernels."""
+    pats = torch.cat([torch.arange(0, 1 << 16, 61, dtype=torch.int32),
+                      torch.tensor([0x0001, 0x03FF, 0x7BFF, 0x7C00, 0x8001, 0xFBFF, 0x7F7F,
+                                    0x0080, 0x8080, 0x3C00, 0xBC00, 0x0000, 0x8000])])
+    pats = pats.to(torch.int16)
+    for coef in (torch.tensor(0.7), torch.tensor(1.0 / 3.0, dtype=torch.float64)):
+        half = pats.clone().view(torch.float16)
+        bf = pats.clone().view(torch.bfloat16)
+        finite = half.isfinite() & bf.isfinite()
+        half, bf = half[finite].contiguous(), bf[finite].contiguous()
+        cpu_half, cpu_bf = half.clone(), bf.clone()
+        ref_half, ref_bf = half.clone(), bf.clone()
+        _cuda.scale_(_table([half, bf]), coef)
+        _cpu.scale_(_table([cpu_half, cpu_bf]), float(coef))
+        ref_half.mul_(coef.to(torch.float32))
+        ref_bf.mul_(coef.to(torch.float32))
+        assert_bitwise_equal(half, ref_half)
+        assert_bitwise_equal(bf, ref_bf)
+        assert_bitwise_equal(half, cpu_half)
+        assert_bitwise_equal(bf, cpu_bf)
+
+
+@needs_sim
+def test_clamp_matches_cpu_kernel_and_torch():
+    tensors = [torch.randn(100) * 3, torch.randn(70, dtype=torch.float64) * 3,
+               (torch.randn(60) * 3).half(), (torch.randn(50) * 3).bfloat16()]
+    cpu = [t.clone() for t in tensors]
+    ref = [t.clone().clamp_(min=-1.3, max=1.3) for t in tensors]
+    _cuda.clamp_(_table(tensors), 1.3)
+    _cpu.clamp_(_table(cpu), 1.3)
+    for t, c, r in zip(tensors, cpu, ref):
+        assert_bitwise_equal(t, c)
+        assert_bitwise_equal(t, r)
+
+
+@needs_sim
+def test_device_tables_are_cached_by_contents():
+    a = [torch.randn(100), torch.randn(10)]
+    t1, t2 = _table(a), _table(a)
+    e1 = _cuda.device_table(t1)
+    assert _cuda.device_table(t2) is e1  # same buffers: no new upload
+    assert _cuda.device_table(t1) is e1
+    b = [torch.randn(100), torch.randn(10)]  # other buffers: another table
+    assert _cuda.device_table(_table(b)) is not e1
+    keep = [[torch.randn(5)] for _ in range(_cuda.CACHE_SIZE + 1)]
+    for k in keep:
+        _cuda.device_table(_table(k))
+    assert _cuda.device_table(_table(a)) is not e1  # evicted (least recently used)
+
+
+@needs_sim
+def test_host_table_layout():
+    tensors = [torch.randn(100), torch.randn(0), torch.randn(5).half()[::2]]
+    table = _table(tensors)
+    host, n, nc = _cuda.host_table(table, 48)
+    lay = K.table_layout(n, nc)
+    assert (n, nc) == (3, 4) and host.shape[0] == lay["size"]
+    assert host[lay["addrs"]:lay["codes"]].tolist() == table.addrs.tolist()
+    assert host[lay["codes"]:lay["tensor"]].tolist() == [0, 0, 2 | K.READONLY]  # strided: read only
+    assert host[lay["tensor"]:lay["start"]].tolist() == [0, 0, 0, 2]
+    assert host[lay["start"]:lay["stop"]].tolist() == [0, 48, 96, 0]
+    assert host[lay["stop"]:lay["first"]].tolist() == [48, 96, 100, 3]
+    assert host[lay["first"]:].tolist() == [0, 3, 3, 4]
+
+
+# --- the whole stack: fastclip's public functions on the CUDA backend, in the simulator ---------
+
+
+@pytest.fixture
+def cuda_backend(monkeypatch):
+    """Plans built in the test put CPU tensors on the CUDA backend (which the simulator runs)."""
+    monkeypatch.setattr(_plan, "_backend_for", lambda device: _cuda)
+
+
+def _grads():
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for i, (n, dtype) in enumerate([(120, torch.float32), (40, torch.float16), (33, torch.bfloat16),
+                                    (64, torch.float32), (9, torch.float32)]):
+        out.append((torch.randn(n, dtype=torch.float64, generator=g) * 0.5).to(dtype))
+    out[3] = out[3].reshape(8, 8).t()  # dense but transposed: read in place
+    return out
+
+
+def _params(grads):
+    ps = []
+    for gr in grads:
+        p = torch.zeros(gr.shape, dtype=gr.dtype, requires_grad=True)
+        p.grad = gr
+        ps.append(p)
+    return ps
+
+
+@needs_sim
+@pytest.mark.parametrize("max_norm", [0.5, 1e6])
+@pytest.mark.parametrize("error_if_nonfinite", [False, True])
+def test_clip_grad_norm_on_the_cuda_backend(cuda_backend, max_norm, error_if_nonfinite):
+    """The fused path (norm and coefficient in kernel 1, scale in kernel 2) and, with
+    error_if_nonfinite, the general one (power sums, torch's ops, scale kernel)."""
+    grads = _grads()
+    strided_src = torch.randn(20, 4)
+    grads.append(strided_src[:, 1])  # a sliced view: read through a copy, written by torch
+    params = _params(grads)
+    expected = [g.clone() for g in grads]
+    norm = fastclip.clip_grad_norm_(params, max_norm, error_if_nonfinite=error_if_nonfinite)
+    ref_norm = torch.tensor(math.sqrt(exact_power_sum(expected, 2.0)), dtype=torch.float32)
+    assert_bitwise_equal(norm, ref_norm)  # exact here: the float64 sum rounds to the same float32
+    reference_clip_(expected, max_norm, ref_norm)
+    for p, e in zip(params, expected):
+        assert_bitwise_equal(p.grad, e)
+    assert_bitwise_equal(strided_src[:, 1], expected[-1])
+    if max_norm < 1e6:
+        assert not torch.equal(grads[0], _grads()[0])  # negative control: it did clip
+
+
+@needs_sim
+def test_get_total_norm_and_clip_grad_value_on_the_cuda_backend(cuda_backend):
+    grads = _grads() + [torch.randn(7, dtype=torch.float64)]
+    for p in (1.0, 3.0):
+        norm = fastclip.get_total_norm(grads, p)
+        assert norm.dtype == torch.float64  # a float64 grad makes the norm float64
+        exact = exact_power_sum(grads, p)
+        exact = math.sqrt(exact) if p == 2.0 else exact if p in (1.0, math.inf) else exact ** (1 / p)
+        assert math.isclose(float(norm), exact, rel_tol=1e-14)
+    expected = [g.clone().clamp_(min=-0.4, max=0.4) for g in grads]
+    fastclip.clip_grad_value_(_params(grads), 0.4)
+    for g, e in zip(grads, expected):
+        assert_bitwise_equal(g, e)

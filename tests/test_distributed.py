@@ -1,0 +1,487 @@
+"""Global norms across ranks (issue 6): ``group=`` and DTensor grads, on gloo over loopback.
+
+One spawn of 4 CPU ranks runs every multi-rank check (process start-up dominates the cost), each
+check catching its own failure; the tests below then report the checks one by one. Every norm is
+compared with the exact float64 norm of the whole, unsharded model, and every scaled value with
+the unsharded tensor times torch's coefficient, bit for bit.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import socket
+import struct
+import sys
+import tempfile
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import fastclip
+from fastclip import _distributed
+from reference import (assert_bitwise_equal, assert_norm_close, exact_norm, param_with_grad,
+                       random_grad, reference_coef)
+
+WORLD = 4
+SPAWN_TIMEOUT_S = 240
+P_VALUES = (2.0, 1.0, math.inf, 3.0)
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="needs torch.distributed with gloo")
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers that run inside the ranks.
+
+SHAPES = [(13, 7), (5,), (3,), (64, 9), (1, 1), (2, 3, 4), (9, 2)]
+
+
+def full_grads(seed: int, dtype=torch.float32) -> list[torch.Tensor]:
+    """The whole model's grads: identical on every rank for the same seed; varied magnitudes."""
+    gen = torch.Generator().manual_seed(seed)
+    return [random_grad(s, dtype, scale=10.0 ** (i % 4 - 2), generator=gen) for i, s in enumerate(SHAPES)]
+
+
+def shard_of(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's piece of ``t`` flattened (uneven; empty when ``t`` has fewer elements)."""
+    return torch.tensor_split(t.reshape(-1), world)[rank].clone()
+
+
+def same_on_all_ranks(value: float, group=None) -> None:
+    """Assert every rank of ``group`` got bit-identical ``value``."""
+    bits = struct.unpack("<q", struct.pack("<d", value))[0]
+    gathered = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, bits, group=group)
+    assert len(set(gathered)) == 1, f"ranks disagree: {gathered}"
+
+
+class CountCollectives:
+    """Counts the all-reduces issued inside the block (fastclip calls torch.distributed.all_reduce)."""
+
+    def __enter__(self):
+        self.count = 0
+        self._orig = dist.all_reduce
+
+        def counting(*args, **kwargs):
+            self.count += 1
+            return self._orig(*args, **kwargs)
+
+        dist.all_reduce = counting
+        return self
+
+    def __exit__(self, *exc):
+        dist.all_reduce = self._orig
+
+
+def dparam(grad):
+    """A parameter holding the DTensor ``grad`` as its ``.grad``."""
+    p = torch.zeros_like(grad).requires_grad_()
+    p.grad = grad
+    return p
+
+
+def check_clip(params, grads_full, p, max_norm, group=None, expect_collectives=None):
+    """Clip; check the norm (exact, same on all ranks, a plain tensor), and return (norm, coef)."""
+    with CountCollectives() as c:
+        norm = fastclip.clip_grad_norm_(params, max_norm, p, group=group)
+    assert type(norm) is torch.Tensor, f"norm is a {type(norm).__name__}, not a plain tensor"
+    assert_norm_close(norm, grads_full, p)
+    same_on_all_ranks(norm.item())
+    if expect_collectives is not None:
+        assert c.count == expect_collectives, f"{c.count} all-reduces, expected {expect_collectives}"
+    return norm, reference_coef(max_norm, norm)
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks (each runs on every rank, in the same order).
+
+def check_sharded_plain(rank, world):
+    """Each rank holds a different shard of every grad; group=WORLD gives the whole model's norm."""
+    group = dist.group.WORLD
+    for dtype in (torch.float32, torch.float64):
+        full = full_grads(0, dtype)
+        for p in P_VALUES:
+            exact = exact_norm(full, p)
+            for max_norm in (exact / 3, exact * 10):  # clips, and does not
+                pieces = [shard_of(t, rank, world) for t in full]
+                before = [x.clone() for x in pieces]
+                norm, coef = check_clip([param_with_grad(x) for x in pieces], full, p, max_norm,
+                                        group, expect_collectives=1)
+                for b, x in zip(before, pieces):
+                    assert_bitwise_equal(x, b * coef)
+                # The unsharded model clipped in one process: the same values.
+                whole = [t.clone() for t in full]
+                fastclip.clip_grad_norm_([param_with_grad(t) for t in whole], max_norm, p)
+                for t, x in zip(whole, pieces):
+                    torch.testing.assert_close(x, shard_of(t, rank, world), rtol=4e-7, atol=0)
+            total = fastclip.get_total_norm([shard_of(t, rank, world) for t in full], p, group=group)
+            assert_norm_close(total, full, p)
+            same_on_all_ranks(total.item())
+    # Negative control: without `group` a rank sees only its own shard.
+    full = full_grads(0)
+    local = fastclip.get_total_norm([shard_of(t, rank, world) for t in full])
+    assert float(local) < exact_norm(full, 2.0) * (1 - 1e-3)
+
+
+def check_empty_rank(rank, world):
+    """A rank with no grads joins the all-reduce with 0; NaN on one rank reaches every rank."""
+    full = full_grads(1)
+    last = world - 1
+    for p in P_VALUES:
+        pieces = [] if rank == last else [shard_of(t, rank, last) for t in full]
+        params = [param_with_grad(x) for x in pieces]
+        params.append(torch.zeros(3, requires_grad=True))  # no grad: skipped
+        total = fastclip.get_total_norm(pieces, p, group=dist.group.WORLD)
+        assert_norm_close(total, full, p)
+        check_clip(params, full, p, exact_norm(full, p) / 2, dist.group.WORLD, 1)
+    # A NaN (or inf) on rank 1 only: every rank's norm is non-finite, for every p; with
+    # error_if_nonfinite every rank raises and no rank touches its grads.
+    for bad in (math.nan, math.inf):
+        for p in P_VALUES:
+            x = torch.ones(4) * (rank + 1)
+            if rank == 1:
+                x[2] = bad
+            norm = fastclip.get_total_norm([x], p, group=dist.group.WORLD)
+            if math.isnan(bad):
+                assert math.isnan(norm.item()), f"p={p}: {norm.item()} (NaN lost in the all-reduce)"
+            else:
+                assert norm.item() == math.inf, f"p={p}: {norm.item()}"
+            before = x.clone()
+            try:
+                fastclip.clip_grad_norm_([param_with_grad(x)], 1.0, p, error_if_nonfinite=True,
+                                         group=dist.group.WORLD)
+            except RuntimeError as err:
+                assert "non-finite" in str(err)
+            else:
+                raise AssertionError("error_if_nonfinite did not raise on this rank")
+            assert_bitwise_equal(x, before)
+
+
+def check_subgroup_and_membership(rank, world):
+    """A group of 3 ranks: its members get their norm; the 4th rank gets a clear error."""
+    members = list(range(world - 1))
+    sub = dist.new_group(members)  # collective over the world: every rank calls it
+    full = full_grads(2)
+    if rank in members:
+        pieces = [shard_of(t, rank, len(members)) for t in full]
+        for p in P_VALUES:
+            norm = fastclip.clip_grad_norm_([param_with_grad(x.clone()) for x in pieces],
+                                            1e9, p, group=sub)
+            assert_norm_close(norm, full, p)
+            same_on_all_ranks(norm.item(), group=sub)
+    else:
+        x = torch.ones(3)
+        for fn in (lambda: fastclip.clip_grad_norm_([param_with_grad(x)], 0.1, group=sub),
+                   lambda: fastclip.get_total_norm([x], group=sub)):
+            try:
+                fn()
+            except ValueError as err:
+                assert "not a member of `group`" in str(err), str(err)
+            else:
+                raise AssertionError("a non-member rank passing the group got no error")
+        assert torch.equal(x, torch.ones(3))
+    # A DeviceMesh is not a group: a TypeError that says what to do.
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    try:
+        fastclip.get_total_norm([torch.ones(2)], group=mesh)
+    except TypeError as err:
+        assert "`group`" in str(err) and "group=None" in str(err), str(err)
+    else:
+        raise AssertionError("group=DeviceMesh was accepted")
+
+
+def _dtensor_set(mesh, placements_list, seed):
+    """DTensor grads (and their params) of a full model, one placement tuple per tensor."""
+    from torch.distributed.tensor import distribute_tensor
+
+    full = full_grads(seed)
+    grads = [distribute_tensor(t.clone(), mesh, list(pl)) for t, pl in zip(full, placements_list)]
+    return full, grads, [dparam(g) for g in grads]
+
+
+def _check_dtensor_clip(full, grads, params, p, group=None, expect_collectives=None, ratio=3):
+    max_norm = exact_norm(full, p) / ratio
+    locals_before = [g.to_local() for g in grads]
+    ptrs = [x.data_ptr() for x in locals_before]
+    copies = [x.clone() for x in locals_before]
+    norm, coef = check_clip(params, full, p, max_norm, group, expect_collectives)
+    for g, t, ptr, x, c in zip(grads, full, ptrs, locals_before, copies):
+        assert g.to_local().data_ptr() == ptr  # written in place, in the shard's own storage
+        assert_bitwise_equal(x, c * coef)
+        assert_bitwise_equal(g.full_tensor(), t * coef)
+    return norm
+
+
+def check_dtensor_1d(rank, world):
+    """Shard(0), Shard(1) and Replicate() grads on a 1-D mesh: one all-reduce, exact norm."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    cycle = [(Shard(0),), (Replicate(),), (Shard(0),), (Shard(1),), (Replicate(),), (Shard(2),),
+             (Shard(0),)]
+    for p in P_VALUES:
+        full, grads, params = _dtensor_set(mesh, cycle, 3)
+        _check_dtensor_clip(full, grads, params, p, expect_collectives=1)
+    # All replicated: every rank already holds everything, so no collective at all.
+    for p in (2.0, math.inf):
+        full, grads, params = _dtensor_set(mesh, [(Replicate(),)] * len(SHAPES), 4)
+        _check_dtensor_clip(full, grads, params, p, expect_collectives=0)
+    # The other entry points act on the local shards.
+    full, grads, params = _dtensor_set(mesh, cycle, 5)
+    norm = fastclip.get_total_norm(grads)
+    assert type(norm) is torch.Tensor
+    assert_norm_close(norm, full, 2.0)
+    fastclip.clip_grads_with_norm_(params, 1.0, norm)
+    coef = reference_coef(1.0, norm)
+    for g, t in zip(grads, full):
+        assert_bitwise_equal(g.full_tensor(), t * coef)
+    full, grads, params = _dtensor_set(mesh, cycle, 6)
+    fastclip.clip_grad_value_(params, 0.01)
+    for g, t in zip(grads, full):
+        assert_bitwise_equal(g.full_tensor(), t.clamp(-0.01, 0.01))
+    # Partial: rejected clearly by the norm and the clamp; nothing is written.
+    local = torch.full((4,), float(rank + 1))
+    partial = DTensor.from_local(local, mesh, [Partial()], run_check=False)
+    for call in (lambda: fastclip.clip_grad_norm_([dparam(partial)], 0.1),
+                 lambda: fastclip.get_total_norm([partial]),
+                 lambda: fastclip.clip_grad_value_([dparam(partial)], 0.1)):
+        try:
+            call()
+        except ValueError as err:
+            assert "Partial" in str(err) and "redistribute" in str(err), str(err)
+        else:
+            raise AssertionError("a Partial DTensor grad was accepted")
+    assert torch.equal(local, torch.full((4,), float(rank + 1)))
+
+
+def check_dtensor_2d(rank, world):
+    """A 2x2 (dp, tp) mesh with every mix of Shard/Replicate: one all-reduce (the mesh is the world)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    assert world == 4
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    # One placement pair per entry of SHAPES. _StridedShard over Shard is FSDP2 over tensor
+    # parallel (it needs an evenly divisible dim: 64).
+    mixed = [(Shard(0), Shard(1)), (Shard(0), Replicate()), (Replicate(), Shard(0)),
+             (_StridedShard(0, split_factor=2), Shard(0)), (Replicate(), Replicate()),
+             (Shard(1), Shard(2)), (Shard(1), Shard(0))]
+    for p in P_VALUES:
+        full, grads, params = _dtensor_set(mesh, mixed, 7)
+        _check_dtensor_clip(full, grads, params, p, expect_collectives=1)
+    # HSDP: replicated over dp, sharded over tp: reduced over tp only, no rank masked.
+    hsdp = [(Replicate(), Shard(0))] * len(SHAPES)
+    full, grads, params = _dtensor_set(mesh, hsdp, 8)
+    _, group = _distributed.resolve(grads, None, "test")
+    assert group is mesh.get_group("tp")
+    for p in (2.0, math.inf):
+        full, grads, params = _dtensor_set(mesh, hsdp, 8)
+        _check_dtensor_clip(full, grads, params, p, expect_collectives=1)
+    # Two meshes (FSDP+TP where some params are only on the dp sub-mesh, identical across tp):
+    # one all-reduce per mesh.
+    from torch.distributed.tensor import distribute_tensor
+
+    placements_a = [(Shard(0), Shard(1)), (Shard(0), Replicate()), (Replicate(), Shard(0))]
+    full_a, grads_a, params_a = _dtensor_set(mesh, placements_a, 9)  # the first 3 shapes
+    full_a = full_a[:3]
+    full_b = full_grads(10)[3:]
+    grads_b = [distribute_tensor(t.clone(), mesh["dp"], [Shard(0)]) for t in full_b]
+    for p in (2.0, 1.0, math.inf):
+        for g, t, pl in zip(grads_a, full_a, placements_a):
+            g.to_local().copy_(distribute_tensor(t, mesh, list(pl)).to_local())
+        for g, t in zip(grads_b, full_b):
+            g.to_local().copy_(distribute_tensor(t, mesh["dp"], [Shard(0)]).to_local())
+        _check_dtensor_clip(full_a + full_b, grads_a + grads_b,
+                            params_a + [dparam(g) for g in grads_b], p, expect_collectives=2)
+    # Pipeline stages: stage = tp coordinate, each stage holds different params on its dp
+    # sub-mesh; group=WORLD sums the stages in the one all-reduce.
+    stage = mesh.get_coordinate()[1]
+    stage_full = [full_grads(20), full_grads(21)]
+    grads_s = [distribute_tensor(t.clone(), mesh["dp"], [Shard(0)]) for t in stage_full[stage]]
+    norm = fastclip.get_total_norm(grads_s, 2.0, group=dist.group.WORLD)
+    assert_norm_close(norm, stage_full[0] + stage_full[1], 2.0)
+    for p in P_VALUES:
+        for g, t in zip(grads_s, stage_full[stage]):
+            g.to_local().copy_(distribute_tensor(t, mesh["dp"], [Shard(0)]).to_local())
+        before = [g.to_local().clone() for g in grads_s]
+        norm, coef = check_clip([dparam(g) for g in grads_s], stage_full[0] + stage_full[1], p,
+                                exact_norm(stage_full[0] + stage_full[1], p) / 2,
+                                dist.group.WORLD, expect_collectives=1)
+        for g, b in zip(grads_s, before):
+            assert_bitwise_equal(g.to_local(), b * coef)
+    # A group that does not contain a DTensor's mesh: a clear error on every rank.
+    full, grads, params = _dtensor_set(mesh, mixed, 11)
+    try:
+        fastclip.clip_grad_norm_(params, 0.1, group=mesh.get_group("dp"))
+    except ValueError as err:
+        assert "not in `group`" in str(err), str(err)
+    else:
+        raise AssertionError("a group smaller than the DTensors' mesh was accepted")
+    for g, t in zip(grads, full):
+        assert_bitwise_equal(g.full_tensor(), t)
+
+
+def check_scale(rank, world):
+    """2000 DTensor grads cost about 4x 500 (linear), with one all-reduce and per-mesh lookups."""
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    mesh = init_device_mesh("cpu", (2, world // 2))
+    placements = [[Shard(0), Replicate()], [Replicate(), Shard(0)], [Shard(0), Shard(0)]]
+
+    def make(n):
+        grads = [DTensor.from_local(torch.full((2,), 1.0 + (i % 7)), mesh, placements[i % 3],
+                                    run_check=False) for i in range(n)]
+        return grads, [dparam(g) for g in grads]
+
+    calls = {"coord": 0}
+    orig_coord = DeviceMesh.get_coordinate
+
+    def counting_coord(self):
+        calls["coord"] += 1
+        return orig_coord(self)
+
+    times = {}
+    for n in (500, 2000):
+        grads, params = make(n)
+        best = math.inf
+        for _ in range(5):
+            dist.barrier()
+            calls["coord"] = 0
+            DeviceMesh.get_coordinate = counting_coord
+            try:
+                with CountCollectives() as c:
+                    t0 = time.perf_counter()
+                    fastclip.clip_grad_norm_(params, 1e9)
+                    best = min(best, time.perf_counter() - t0)
+            finally:
+                DeviceMesh.get_coordinate = orig_coord
+            assert c.count == 1, f"{c.count} all-reduces for {n} tensors"
+            assert calls["coord"] <= 2 * len(placements), f"{calls['coord']} mesh lookups for {n} tensors"
+        times[n] = best
+    ratio = times[2000] / times[500]
+    # Linear work gives ~4 (less with fixed costs); quadratic would give ~16.
+    assert ratio < 10, f"2000 vs 500 DTensor grads: {ratio:.1f}x ({times})"
+    return {"t500_ms": times[500] * 1e3, "t2000_ms": times[2000] * 1e3, "ratio": ratio}
+
+
+CHECKS = [check_sharded_plain, check_empty_rank, check_subgroup_and_membership, check_dtensor_1d,
+          check_dtensor_2d, check_scale]
+
+
+def _worker(rank: int, world: int, port: int, outdir: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    out = {}
+    for check in CHECKS:
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        try:
+            info = check(rank, world)
+            out[check.__name__] = {"error": None, "info": info}
+        except Exception:
+            out[check.__name__] = {"error": traceback.format_exc(), "info": None}
+        out[check.__name__]["seconds"] = time.perf_counter() - t0
+    with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
+        json.dump(out, f)
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def rank_results():
+    import torch.multiprocessing as mp
+
+    # Compile (or load) the kernels once here, so the ranks load them from numba's cache.
+    for p in P_VALUES:
+        fastclip.clip_grad_norm_([param_with_grad(torch.ones(3, dtype=torch.float64))], 1.0, p)
+    with tempfile.TemporaryDirectory() as outdir:
+        ctx = mp.start_processes(_worker, args=(WORLD, _free_port(), outdir), nprocs=WORLD,
+                                 join=False, start_method="spawn")
+        deadline = time.monotonic() + SPAWN_TIMEOUT_S
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                for proc in ctx.processes:
+                    proc.kill()
+                pytest.fail(f"the {WORLD} ranks did not finish within {SPAWN_TIMEOUT_S} s (a hang?)")
+        results = []
+        for r in range(WORLD):
+            with open(os.path.join(outdir, f"rank{r}.json")) as f:
+                results.append(json.load(f))
+    return results
+
+
+def _assert_check(rank_results, check) -> list:
+    errors = [(r, res[check.__name__]["error"]) for r, res in enumerate(rank_results)]
+    failed = [f"--- rank {r} ---\n{e}" for r, e in errors if e]
+    assert not failed, "\n".join(failed)
+    return [res[check.__name__]["info"] for res in rank_results]
+
+
+def test_sharded_plain_grads_p2_p1_inf(rank_results):
+    _assert_check(rank_results, check_sharded_plain)
+
+
+def test_rank_without_grads_and_nonfinite_on_one_rank(rank_results):
+    _assert_check(rank_results, check_empty_rank)
+
+
+def test_subgroup_and_non_member_rank(rank_results):
+    _assert_check(rank_results, check_subgroup_and_membership)
+
+
+def test_dtensor_1d_mesh(rank_results):
+    _assert_check(rank_results, check_dtensor_1d)
+
+
+def test_dtensor_2d_mesh(rank_results):
+    _assert_check(rank_results, check_dtensor_2d)
+
+
+def test_dtensor_scale_is_linear(rank_results):
+    infos = _assert_check(rank_results, check_scale)
+    print("clip time, 500 vs 2000 DTensor grads, per rank:", infos)
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process checks (no process group needed).
+
+@pytest.mark.parametrize("bad", ["world", 3, 1.5, object()])
+def test_group_of_wrong_type_is_a_type_error(bad):
+    g = torch.ones(3)
+    with pytest.raises(TypeError, match=r"clip_grad_norm_: `group` must be a torch\.distributed\.ProcessGroup"):
+        fastclip.clip_grad_norm_([param_with_grad(g)], 0.1, group=bad)
+    with pytest.raises(TypeError, match=r"get_total_norm: `group`"):
+        fastclip.get_total_norm([g], group=bad)
+    assert torch.equal(g, torch.ones(3))
+
+
+def test_non_member_sentinel_is_a_membership_error():
+    g = torch.ones(3)
+    with pytest.raises(ValueError, match="not a member of `group`"):
+        fastclip.clip_grad_norm_([param_with_grad(g)], 0.1, group=dist.GroupMember.NON_GROUP_MEMBER)
+    assert torch.equal(g, torch.ones(3))
+
+
+def test_group_none_is_the_single_process_path():
+    grads = full_grads(0)
+    assert_norm_close(fastclip.get_total_norm(grads, group=None), grads, 2.0)
+    assert _distributed.resolve(grads, None, "t") == (grads, None)

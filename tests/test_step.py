@@ -1,0 +1,274 @@
+"""clip_and_step: parameters after N steps against clip-then-step, fused and not, with and without AMP."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import fastclip
+from fastclip import _cpu
+from fastclip.step import reads_grad_scale
+from device_style import device_style  # noqa: F401 (fixture)
+from reference import param_with_grad
+
+OPTIMIZERS = {
+    "adam-fused": lambda ps: torch.optim.Adam(ps, lr=1e-2, fused=True),
+    "adamw-fused": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True),
+    "sgd-fused": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, fused=True),
+    "adagrad-fused": lambda ps: torch.optim.Adagrad(ps, lr=0.05, fused=True),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2),
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9),
+}
+FUSED = [name for name in OPTIMIZERS if name.endswith("-fused")]
+STEPS = 8
+INF_STEP = 3  # not the first: torch's fused SGD leaves its momentum buffer unset on a skipped first step
+MAX_NORM = 0.5
+
+
+def _model(device="cpu"):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3)).to(device)
+
+
+def _train(name, use_scaler, clip, steps=STEPS, device="cpu"):
+    """Params after each step, and the norms, for ``clip(opt, model, scaler)`` doing clip + step."""
+    model = _model(device)
+    opt = OPTIMIZERS[name](model.parameters())
+    scaler = torch.amp.GradScaler(device, growth_interval=3) if use_scaler else None
+    g = torch.Generator().manual_seed(1)
+    params, norms = [], []
+    for step in range(steps):
+        model.zero_grad()
+        loss = model(torch.randn(5, 6, generator=g).to(device)).pow(2).sum()
+        (scaler.scale(loss) if scaler else loss).backward()
+        if scaler and step == INF_STEP:
+            model[2].bias.grad[1] = math.inf
+        norms.append(clip(opt, model, scaler))
+        if scaler:
+            scaler.update()
+        params.append([q.detach().clone() for q in model.parameters()])
+    return params, norms, opt, scaler
+
+
+def _ours(opt, model, scaler):
+    return fastclip.clip_and_step(opt, MAX_NORM, scaler=scaler)
+
+
+def _sequence(clip_fn):
+    def run(opt, model, scaler):
+        if scaler:
+            scaler.unscale_(opt)
+        norm = clip_fn(model.parameters(), MAX_NORM)
+        scaler.step(opt) if scaler else opt.step()
+        return norm
+    return run
+
+
+def test_fused_optimizers_are_recognized():
+    p = [torch.nn.Parameter(torch.ones(2))]
+    assert all(reads_grad_scale(OPTIMIZERS[name](p)) for name in FUSED)
+    assert not any(reads_grad_scale(OPTIMIZERS[name](p)) for name in ("adam", "sgd"))
+    mixed = torch.optim.Adam(p, lr=0.1, fused=True)
+    mixed.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "fused": False})
+    assert not reads_grad_scale(mixed)  # its step would refuse a grad_scale for that group
+
+
+@pytest.mark.parametrize("use_scaler", [False, True], ids=["plain", "amp"])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_params_match_torchs_clip_then_step(name, use_scaler):
+    """Tolerance: fastclip's norm is float64-accumulated and torch's float32 (relative error up to
+    ~1e-7 here), and the fused path divides by float32(1/coef) instead of multiplying by coef (about
+    one float32 ulp per grad element). Both perturb each step by ~1e-7 of itself, over 8 steps."""
+    ours, our_norms, opt, scaler = _train(name, use_scaler, _ours)
+    ref, ref_norms, _, ref_scaler = _train(name, use_scaler, _sequence(torch.nn.utils.clip_grad_norm_))
+    for step, (a, b) in enumerate(zip(ours, ref)):
+        for pa, pb in zip(a, b):
+            torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=f"step {step}")
+    clipped = sum(float(n) > MAX_NORM for n in our_norms if math.isfinite(float(n)))
+    assert clipped >= STEPS // 2  # clipping really happens
+    if use_scaler:
+        assert torch.equal(scaler._scale, ref_scaler._scale)
+        assert torch.equal(scaler._growth_tracker, ref_scaler._growth_tracker)
+        assert float(our_norms[INF_STEP]) == math.inf
+        for pa, pb in zip(ours[INF_STEP], ours[INF_STEP - 1]):
+            assert torch.equal(pa, pb)  # the inf step was skipped
+    for attr in ("grad_scale", "found_inf"):
+        assert not hasattr(opt, attr)
+
+
+@pytest.mark.parametrize("use_scaler", [False, True], ids=["plain", "amp"])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_params_match_fastclip_clip_then_step(name, use_scaler):
+    """Against clip_grad_norm_ with the same exact norm: non-fused optimizers are bit-identical.
+    Fused ones divide by float32(1/coef) instead of multiplying by coef: each update differs by
+    ~1e-7 of itself, far below a parameter's ulp, but where the sum p + update lands near a
+    rounding boundary the parameter flips by one ulp; so at most one ulp per step."""
+    ours, _, _, _ = _train(name, use_scaler, _ours)
+    ref, _, _, _ = _train(name, use_scaler, _sequence(fastclip.clip_grad_norm_))
+    for step, (a, b) in enumerate(zip(ours, ref)):
+        for pa, pb in zip(a, b):
+            if name in FUSED:
+                ulp = torch.finfo(pb.dtype).eps * float(pb.abs().max())  # >= 1 ulp of any element
+                torch.testing.assert_close(pa, pb, rtol=0, atol=(step + 1) * ulp)
+            else:
+                assert torch.equal(pa, pb)
+
+
+@pytest.mark.parametrize("name", ["adamw-fused", "sgd"])
+def test_device_style_backend_is_bitwise_equal(name, device_style, monkeypatch):
+    """The tensor-only branch (a GPU backend's: no host read) gives the host branch's params."""
+    device_run, _, _, device_scaler = _train(name, True, _ours)
+    monkeypatch.undo()
+    host_run, _, _, host_scaler = _train(name, True, _ours)
+    for a, b in zip(device_run, host_run):
+        for pa, pb in zip(a, b):
+            assert torch.equal(pa, pb)
+    assert torch.equal(device_scaler._scale, host_scaler._scale)
+
+
+def test_unclipped_run_differs_beyond_tolerance():
+    """Negative control for the tolerances above: not clipping changes the params far more."""
+    def no_clip(opt, model, scaler):
+        opt.step()
+        return torch.tensor(0.0)
+
+    ours, _, _, _ = _train("adam-fused", False, _ours)
+    ref, _, _, _ = _train("adam-fused", False, no_clip)
+    with pytest.raises(AssertionError):
+        for pa, pb in zip(ours[-1], ref[-1]):
+            torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", FUSED)
+def test_fused_path_never_rewrites_grads(name, monkeypatch):
+    """The fused path reads the grads once and leaves the write to the optimizer's step."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("fastclip wrote the grads")
+
+    monkeypatch.setattr(_cpu, "scale_", forbidden)
+    monkeypatch.setattr(torch, "_foreach_mul_", forbidden)
+    _train(name, False, _ours, steps=2)
+    _train(name, True, _ours, steps=2)
+
+
+def test_non_fused_path_clips_then_steps(monkeypatch):
+    """Negative control for the test above: the clip-then-step path does write the grads."""
+    calls = []
+    scale_ = _cpu.scale_
+    monkeypatch.setattr(_cpu, "scale_", lambda *a: (calls.append(1), scale_(*a)))
+    _train("adam", False, _ours, steps=2)
+    assert calls
+
+
+def test_grads_hold_the_clipped_grads_afterwards():
+    """torch's fused kernels store the grad they used back into .grad: the clipped grads."""
+    grads = [torch.tensor([3.0, 4.0]), torch.tensor([12.0])]
+    fused, plain = ([param_with_grad(g.clone()) for g in grads] for _ in range(2))
+    fastclip.clip_and_step(torch.optim.Adam(fused, lr=0.1, fused=True), 1.0)
+    torch.nn.utils.clip_grad_norm_(plain, 1.0)
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a.grad, b.grad, rtol=2.0 ** -23, atol=0)
+
+
+def test_attributes_restored():
+    w = param_with_grad(torch.tensor([3.0, 4.0]))
+    opt = torch.optim.Adam([w], lr=0.1, fused=True)
+    opt.grad_scale = None  # present but unset: kept as it was
+    fastclip.clip_and_step(opt, 1.0)
+    assert opt.grad_scale is None and not hasattr(opt, "found_inf")
+
+
+def test_foreign_grad_scale_refused_untouched():
+    w = param_with_grad(torch.tensor([3.0, 4.0]))
+    opt = torch.optim.Adam([w], lr=0.1, fused=True)
+    opt.grad_scale = torch.tensor(2.0)
+    with pytest.raises(RuntimeError, match=r"clip_and_step: `optimizer` already has a `grad_scale`"):
+        fastclip.clip_and_step(opt, 1.0)
+    assert torch.equal(w.grad, torch.tensor([3.0, 4.0])) and torch.equal(w, torch.zeros(2))
+    assert not opt.state
+
+
+@pytest.mark.parametrize("name", ["adamw-fused", "sgd"])
+def test_after_an_explicit_unscale(name):
+    """scaler.unscale_ (e.g. to inspect grads) then clip_and_step: the grads are taken as unscaled."""
+    def unscale_then_ours(opt, model, scaler):
+        scaler.unscale_(opt)
+        return fastclip.clip_and_step(opt, MAX_NORM, scaler=scaler)
+
+    ours, _, _, scaler = _train(name, True, unscale_then_ours)
+    ref, _, _, ref_scaler = _train(name, True, _sequence(torch.nn.utils.clip_grad_norm_))
+    for a, b in zip(ours, ref):
+        for pa, pb in zip(a, b):
+            torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    assert torch.equal(scaler._scale, ref_scaler._scale)
+
+
+@pytest.mark.parametrize("name", ["adam-fused", "sgd"])
+def test_scaler_stage_errors(name):
+    model = _model()
+    opt = OPTIMIZERS[name](model.parameters())
+    scaler = torch.amp.GradScaler("cpu")
+    with pytest.raises(RuntimeError, match=r"clip_and_step: `scaler` has no scale yet"):
+        fastclip.clip_and_step(opt, 1.0, scaler=scaler)
+    scaler.scale(model(torch.randn(2, 6)).sum()).backward()
+    fastclip.clip_and_step(opt, 1.0, scaler=scaler)
+    with pytest.raises(RuntimeError, match="step\\(\\) has already been called since the last update"):
+        fastclip.clip_and_step(opt, 1.0, scaler=scaler)
+    scaler.update()
+    assert scaler._per_optimizer_states == {}
+
+
+@pytest.mark.parametrize("args, exc, match", [
+    (("nope", 1.0), TypeError, r"clip_and_step: `optimizer` must be a torch.optim.Optimizer, got 'nope'"),
+    (("opt", "big"), TypeError, r"clip_and_step: `max_norm` must be a real number"),
+    (("opt", 1.0, -2.0), ValueError, r"clip_and_step: `norm_type` must be a positive number"),
+    (("opt", 1.0, 2.0, "scaler"), TypeError, r"clip_and_step: `scaler` must be a torch.amp.GradScaler"),
+])
+def test_bad_arguments_touch_nothing(args, exc, match):
+    w = param_with_grad(torch.tensor([3.0, 4.0]))
+    opt = torch.optim.Adam([w], lr=0.1, fused=True)
+    args = [opt if a == "opt" else a for a in args]
+    with pytest.raises(exc, match=match):
+        fastclip.clip_and_step(*args)
+    assert torch.equal(w.grad, torch.tensor([3.0, 4.0])) and torch.equal(w, torch.zeros(2))
+
+
+def test_no_grads_still_steps():
+    w = torch.zeros(2, requires_grad=True)
+    opt = torch.optim.Adam([w], lr=0.1, fused=True)
+    assert float(fastclip.clip_and_step(opt, 1.0)) == 0.0
+    assert torch.equal(w, torch.zeros(2))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("use_scaler", [False, True], ids=["plain", "amp"])
+@pytest.mark.parametrize("name", ["adamw-fused", "sgd-fused", "adam"])
+def test_cuda_matches_torch(name, use_scaler):
+    ours, _, _, scaler = _train(name, use_scaler, _ours, device="cuda")
+    ref, _, _, ref_scaler = _train(name, use_scaler, _sequence(torch.nn.utils.clip_grad_norm_), device="cuda")
+    for a, b in zip(ours, ref):
+        for pa, pb in zip(a, b):
+            torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    if use_scaler:
+        assert torch.equal(scaler._scale, ref_scaler._scale)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_fused_path_never_syncs():
+    model = _model("cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    scaler = torch.amp.GradScaler("cuda")
+    scaler.scale(model(torch.randn(5, 6, device="cuda")).sum()).backward()
+    fastclip.clip_and_step(opt, 1.0, scaler=scaler)  # first step: lazy optimizer state
+    scaler.update()
+    scaler.scale(model(torch.randn(5, 6, device="cuda")).sum()).backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fastclip.clip_and_step(opt, 1.0, scaler=scaler)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
