@@ -1,8 +1,9 @@
 """Fused AMP unscale+clip and one-read clip_and_step against torch's sequences, on the CPU.
 
-Each row times one training-loop operation (median of ``--repeats`` runs, after warm-up). The
-grads are restored from a saved copy before every run, outside the timed region, so that every
-run clips the same values (a clip that found nothing to do would skip its write pass).
+Each row times one training-loop operation (median of ``--repeats`` runs, after warm-up; the
+variants compared take turns run by run). The grads are restored from a saved copy before every
+run, outside the timed region, so that every run clips the same values (a clip that found nothing
+to do would skip its write pass).
 
     python3 benchmarks/bench_training_features.py              # short: a few seconds per set
     python3 benchmarks/bench_training_features.py --repeats 50 --sets large --threads 1
@@ -43,16 +44,19 @@ def _params(n: int, size: int) -> list[torch.nn.Parameter]:
     return params
 
 
-def _median_time(run, reset, repeats: int, warmup: int = 2) -> float:
-    times = []
+def _timings(variants: dict, reset, repeats: int, warmup: int = 2) -> dict:
+    """Median seconds of each variant. The variants take turns, run by run, so that a change in
+    the machine's load (these machines are shared) weighs on all of them alike."""
+    times: dict = {name: [] for name in variants}
     for i in range(warmup + repeats):
-        reset()
-        t0 = time.perf_counter()
-        run()
-        t1 = time.perf_counter()
-        if i >= warmup:
-            times.append(t1 - t0)
-    return statistics.median(times)
+        for name, run in variants.items():
+            reset()
+            t0 = time.perf_counter()
+            run()
+            t1 = time.perf_counter()
+            if i >= warmup:
+                times[name].append(t1 - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _grad_restorer(params, saved, scaler=None):
@@ -76,8 +80,9 @@ def bench_amp(params, repeats):
         scaler.unscale_(opt)
         torch.nn.utils.clip_grad_norm_(params, MAX_NORM)
 
-    t_torch = _median_time(torch_seq, reset, repeats)
-    t_fast = _median_time(lambda: fastclip.unscale_and_clip_(scaler, opt, MAX_NORM), reset, repeats)
+    t = _timings({"torch": torch_seq,
+                  "fast": lambda: fastclip.unscale_and_clip_(scaler, opt, MAX_NORM)}, reset, repeats)
+    t_torch, t_fast = t["torch"], t["fast"]
     return [("amp", "torch unscale_ + clip_grad_norm_", t_torch, None),
             ("amp", "fastclip.unscale_and_clip_", t_fast, t_torch / t_fast)]
 
@@ -86,7 +91,6 @@ def bench_step(params, repeats):
     opt = torch.optim.AdamW(params, lr=1e-6, fused=True)
     saved = [q.grad.clone() for q in params]
     reset = _grad_restorer(params, saved)
-    t_step = _median_time(opt.step, reset, repeats)
 
     def torch_seq():
         torch.nn.utils.clip_grad_norm_(params, MAX_NORM)
@@ -97,10 +101,10 @@ def bench_step(params, repeats):
         opt.step()
 
     grads = [q.grad for q in params]
-    t_read = _median_time(lambda: fastclip.get_total_norm(grads), reset, repeats)
-    t_torch = _median_time(torch_seq, reset, repeats)
-    t_fseq = _median_time(fastclip_seq, reset, repeats)
-    t_fast = _median_time(lambda: fastclip.clip_and_step(opt, MAX_NORM), reset, repeats)
+    t = _timings({"step": opt.step, "read": lambda: fastclip.get_total_norm(grads), "torch": torch_seq,
+                  "fseq": fastclip_seq, "fast": lambda: fastclip.clip_and_step(opt, MAX_NORM)},
+                 reset, repeats)
+    t_step, t_read, t_torch, t_fseq, t_fast = (t[k] for k in ("step", "read", "torch", "fseq", "fast"))
     clip = {name: t - t_step for name, t in (("torch", t_torch), ("fseq", t_fseq), ("fast", t_fast))}
     rows = [("step", "fused AdamW step only", t_step, None),
             ("step", "one read: fastclip.get_total_norm", t_read, None),
@@ -122,8 +126,9 @@ def bench_amp_step(params, repeats):
         torch.nn.utils.clip_grad_norm_(params, MAX_NORM)
         scaler.step(opt)
 
-    t_torch = _median_time(torch_seq, reset, repeats)
-    t_fast = _median_time(lambda: fastclip.clip_and_step(opt, MAX_NORM, scaler=scaler), reset, repeats)
+    t = _timings({"torch": torch_seq,
+                  "fast": lambda: fastclip.clip_and_step(opt, MAX_NORM, scaler=scaler)}, reset, repeats)
+    t_torch, t_fast = t["torch"], t["fast"]
     return [("amp+step", "torch unscale_ + clip + scaler.step", t_torch, None),
             ("amp+step", "fastclip.clip_and_step(scaler=)", t_fast, t_torch / t_fast)]
 

@@ -202,6 +202,7 @@ def plot(results: Sequence[RunResult], cfg: Config, path: str) -> bool:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
     except ImportError:
         print("matplotlib is not installed (pip install matplotlib): no plot written", file=sys.stderr)
         return False
@@ -221,6 +222,10 @@ def plot(results: Sequence[RunResult], cfg: Config, path: str) -> bool:
     ax_norm.set(title="total gradient norm (before clipping)", xlabel="step", ylabel="L2 norm",
                 yscale="log")
     for ax in (ax_loss, ax_norm):
+        # plain numbers (2, 3, 5, 10, 20, ...) on the log axes, not powers of ten
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.legend(loc="upper right", fontsize=8)
         ax.grid(alpha=0.3)
     fig.suptitle(f"char-LSTM on Shakespeare's sonnets, SGD lr={cfg.lr:g}: "

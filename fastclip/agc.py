@@ -8,14 +8,15 @@ vectors and scalars. For a unit with weight ``W`` and grad ``G``::
     max_norm = clipping * max(||W||, eps)
     if ||G|| > max_norm:  G *= max_norm / max(||G||, 1e-6)
 
-which is the formula of the paper's reference code (``deepmind-research/nfnets/optim.py``) and
-of timm's ``adaptive_clip_grad`` (which clips when ``||G|| >= max_norm``; at equality its
-factor is 1 or less than 1e-6 away from it).
+which is the formula of the paper's reference code (``deepmind-research/nfnets/optim.py``).
+timm's ``adaptive_clip_grad`` differs only at exact equality ``||G|| == max_norm``, which it
+treats as clipped (a factor of exactly 1 unless ``||G|| < 1e-6``).
 
 On the CPU and on CUDA, one call runs one fused pass (two when a unit is longer than a chunk)
 over a table of every parameter and grad: float64 norms, per-unit factors, and the scaling of
 the clipped rows, with no host synchronization on CUDA. Other devices run the same formula in
-torch ops.
+torch ops. On CUDA each call uploads its table from pageable host memory, so a call cannot be
+captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -156,11 +157,10 @@ def _cuda_kernels():
     """``fastclip.kernels.agc_cuda`` when numba-cuda can launch here, else None (cached)."""
     if "module" not in _cuda_state:
         try:
-            from numba import cuda
-
+            from fastclip import _cuda
             from fastclip.kernels import agc_cuda
 
-            ok = cuda.is_available() and not agc_cuda.SIMULATOR
+            ok = _cuda.is_available() and not agc_cuda.SIMULATOR
         except Exception:  # numba-cuda missing or no driver: torch does the work
             ok = False
         _cuda_state["module"] = agc_cuda if ok else None

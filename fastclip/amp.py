@@ -18,13 +18,14 @@ from typing import Optional, Union
 import torch
 from torch.amp.grad_scaler import GradScaler, OptState
 
+from fastclip import _distributed
 from fastclip import _validate as V
 from fastclip._plan import Plan, root
 from fastclip.clip_grad import clip_coefficient, clip_grad_norm_
 from fastclip.kernels.layout import FLOAT16
 
 _FN = "unscale_and_clip_"
-_GRADS_ARG = "optimizer.param_groups"
+GRADS_ARG = "optimizer.param_groups"
 
 
 def check_optimizer(optimizer: object, fn: str) -> None:
@@ -76,17 +77,15 @@ def inv_scale_of(scaler: GradScaler) -> torch.Tensor:
     return scaler._scale.double().reciprocal().float()
 
 
-def found_inf_of(device_set, result) -> torch.Tensor:
-    """torch's per-device flag: float32 0-d, 1.0 when the device's grads hold inf or NaN.
+def nonfinite_flag(total, device: torch.device) -> torch.Tensor:
+    """torch's found-inf flag for a power sum: float32 0-d on ``device``, 1.0 when non-finite.
 
     A sum of |x|**p is non-finite exactly when an element is, unless it overflows float64
     (float64 grads above ~1e154, or a large p): that counts as an overflow too.
     """
-    total = result.total
     if isinstance(total, float):
-        return torch.full((), 0.0 if math.isfinite(total) else 1.0, dtype=torch.float32,
-                          device=device_set.device)
-    total = torch.as_tensor(total).reshape(()).to(device_set.device, non_blocking=True)
+        return torch.full((), 0.0 if math.isfinite(total) else 1.0, dtype=torch.float32, device=device)
+    total = torch.as_tensor(total).reshape(()).to(device, non_blocking=True)
     return torch.logical_not(torch.isfinite(total)).to(torch.float32)
 
 
@@ -98,16 +97,34 @@ def _tensor_root(total: torch.Tensor, p: float) -> torch.Tensor:
     return total.pow(1.0 / p)
 
 
-def scaled_pass(plan: Plan, p: float, inv_scale: torch.Tensor):
+def plan_grads(params: list, fn: str):
+    """The grads of ``params`` as the kernels see them: (local grads, group, plan or None).
+
+    DTensor grads (FSDP2) become their local shards, and ``group`` says how the ranks' power sums
+    combine into the global one (see ``_distributed.resolve``); None for plain tensors.
+    """
+    grads, group = _distributed.resolve(V.grads_of(params, fn, GRADS_ARG), None, fn)
+    plan = Plan.build(grads, fn, GRADS_ARG) if grads else None
+    return grads, group, plan
+
+
+def scaled_pass(plan: Plan, p: float, inv_scale: torch.Tensor, group=None):
     """The read pass over scaled grads: (unscaled norm, found-inf flag per device).
 
     The norm of the unscaled grads is the scaled norm times ``inv_scale``, computed in float64 from
     the float64 power sum, then rounded once to the norm's dtype. With a power-of-two scale (the
     GradScaler's usual case) it equals the norm of the unscaled grads bit for bit.
+
+    Each device's flag covers its own grads, as torch's; across ranks (``group``) the flag is
+    the global sum's, so that every rank skips the same steps.
     """
     results = plan.power_sums(p)
-    found = {s.device: found_inf_of(s, r) for s, r in zip(plan.sets, results)}
     total = plan.combine([r.total for r in results], p)
+    if group is None:
+        found = {s.device: nonfinite_flag(r.total, s.device) for s, r in zip(plan.sets, results)}
+    else:
+        total = _distributed.all_reduce_power_sum(total, p, group, plan.first_device, plan, results)
+        found = {s.device: nonfinite_flag(total, s.device) for s in plan.sets}
     if isinstance(total, float) and inv_scale.device.type == "cpu":
         norm = torch.tensor(root(total, p) * float(inv_scale), dtype=plan.dtype, device=plan.first_device)
     else:  # on a device: tensor ops only, so nothing is read back to the host
@@ -155,6 +172,10 @@ def unscale_and_clip_(
     With a power-of-two scale (GradScaler's default growth and backoff) the grads and the norm
     are bit-identical to ``scaler.unscale_(optimizer); fastclip.clip_grad_norm_(params, ...)``.
 
+    DTensor grads (FSDP2) are clipped by their global norm, like ``clip_grad_norm_``; their
+    found-inf flag is then global too (one rank's inf skips the step on every rank), where
+    torch's ``unscale_`` flags each rank's own grads.
+
     On inf/NaN the step will be skipped, and the grads get what torch's sequence gives them: the
     norm is inf or NaN, so the coefficient is 0 (finite elements become 0, non-finite ones NaN)
     or NaN (everything becomes NaN).
@@ -192,14 +213,18 @@ def unscale_and_clip_(
     if not scaler.is_enabled():
         return clip_grad_norm_(params, max_norm, p)
     state = scaler_state(scaler, optimizer, _FN)
-    grads = V.grads_of(params, _FN, _GRADS_ARG)
-    plan = Plan.build(grads, _FN, _GRADS_ARG) if grads else None
-    check_no_fp16(grads, _FN, plan)
+    grads, group, plan = plan_grads(params, _FN)
+    return unscale_and_clip_planned(scaler, optimizer, state, grads, group, plan, max_norm, p, _FN)
+
+
+def unscale_and_clip_planned(scaler, optimizer, state, grads, group, plan, max_norm, p, fn):
+    """``unscale_and_clip_`` once the arguments are checked and the plan built (see there)."""
+    check_no_fp16(grads, fn, plan)
     if plan is None:  # no grads, or a device/dtype without a kernel: torch's own sequence
         scaler.unscale_(optimizer)
-        return clip_grad_norm_(params, max_norm, p)
+        return clip_grad_norm_(optimizer_params(optimizer), max_norm, p)
     inv_scale = inv_scale_of(scaler)
-    norm, found = scaled_pass(plan, p, inv_scale)
+    norm, found = scaled_pass(plan, p, inv_scale, group)
     coef = clip_coefficient(max_norm, norm)
     scale_grads_(plan, inv_scale.to(coef.device, coef.dtype, non_blocking=True) * coef)
     state["found_inf_per_device"] = found

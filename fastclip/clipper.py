@@ -38,9 +38,10 @@ class GradClipper:
 
     Args:
         parameters: the parameters whose ``.grad`` are clipped (read once, like an optimizer's).
-        max_norm: the fixed threshold when ``policy`` is None. With a policy it caps the
-            policy's threshold (and is ZClip's threshold during its warmup, like the reference
-            implementation's ``max_grad_norm``); ``None`` means no cap.
+        max_norm: the fixed threshold when ``policy`` is None (``inf`` never clips: the
+            clipper then only records norms). With a policy it caps the policy's threshold (and
+            is ZClip's threshold during its warmup, like the reference implementation's
+            ``max_grad_norm``); ``None`` means no cap.
         norm_type: p of the p-norm (> 0, or ``inf``/``'inf'``).
         policy: None for a fixed threshold, ``fastclip.AutoClip(...)`` or ``fastclip.ZClip(...)``.
         nonfinite: what to do when the norm is inf or NaN:
@@ -105,9 +106,9 @@ class GradClipper:
                 else ""
             raise TypeError(f"{fn}: `policy` must be None, fastclip.AutoClip(...) or "
                             f"fastclip.ZClip(...), got {V._describe(policy)}{hint}")
-        if policy is None and self.max_norm == math.inf:
+        if policy is None and max_norm is None:
             raise ValueError(f"{fn}: `max_norm` is the fixed threshold when `policy` is None, "
-                             "so it must be a number, got None")
+                             "so it must be a number (inf: never clip), got None")
         self.policy = policy
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"{fn}: `nonfinite` must be one of {', '.join(map(repr, NONFINITE_MODES))}, "
@@ -164,12 +165,13 @@ class GradClipper:
         if self.nonfinite == "zero":
             _zero_if_nonfinite(grads, finite)
 
-        slot = self.steps % self.window
-        state["norms"][slot] = torch.where(finite, norm.to(torch.float64), math.nan)
-        state["clipped"] += (finite & (coef < 1.0)).to(torch.int64)
-        state["nonfinite"] += (~finite).to(torch.int64)
-        self.found_nonfinite = ~finite
-        self.skipped = self.found_nonfinite if self.nonfinite == "skip" else state["false"]
+        # A few small ops on the device, no read back (int64 += bool promotes in place).
+        bad = ~finite
+        state["norms"][self.steps % self.window] = torch.where(finite, norm, math.nan)
+        state["clipped"] += finite & (coef < 1.0)
+        state["nonfinite"] += bad
+        self.found_nonfinite = bad
+        self.skipped = bad if self.nonfinite == "skip" else state["false"]
         self.threshold = threshold
         self.steps += 1
         return norm

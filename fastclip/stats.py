@@ -49,7 +49,8 @@ class ClipStats:
             (a NaN norm scales every grad by NaN, as torch does).
         per_tensor_norms: 1-d, one norm per grad, in the order of the grads of ``parameters``
             (parameters without a grad are skipped), in ``total_norm``'s dtype, computed from the
-            per-tensor float64 sums of the norm pass. With ``group=`` they are this rank's tensors.
+            per-tensor float64 sums of the norm pass. Across ranks (``group=``, DTensor grads)
+            they are the norms of this rank's tensors (local shards).
         nonfinite_count: int64, the number of inf/NaN elements in this rank's grads.
 
     Example:

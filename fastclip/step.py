@@ -18,11 +18,10 @@ from torch.amp.grad_scaler import GradScaler, OptState
 from fastclip import _validate as V
 from fastclip._plan import Plan
 from fastclip.amp import (check_no_fp16, check_optimizer, check_scaler, inv_scale_of, optimizer_params,
-                          scaled_pass, unscale_and_clip_)
+                          plan_grads, scaled_pass, unscale_and_clip_planned)
 from fastclip.clip_grad import clip_coefficient, clip_grad_norm_
 
 _FN = "clip_and_step"
-_GRADS_ARG = "optimizer.param_groups"
 _STEP_ATTRS = ("grad_scale", "found_inf")
 
 # Steps known to read `grad_scale`/`found_inf` when every group is fused. Compared unwrapped:
@@ -81,18 +80,21 @@ def clip_and_step(
     clipping costs one read pass: the coefficient ``min(max_norm / (norm + 1e-6), 1)`` (divided
     into the AMP scale, with a scaler) goes to the step as ``optimizer.grad_scale``, which the fused
     kernel divides every grad by, and the found-inf flag as ``optimizer.found_inf``. fastclip does
-    not write the grads; torch's fused kernels store the grad they used (clipped, unscaled) back
-    into ``.grad``, except on a skipped step. Both attributes are removed after the step. The
+    not write the grads; torch's fused CPU kernels store the grad they used (clipped, unscaled)
+    back into ``.grad``, except on a skipped step. Both attributes are removed after the step. The
     parameters match torch's clip-then-step up to float rounding (a division by ``1/coef``
     instead of a multiplication by ``coef``: about one float32 ulp per grad element).
 
     Any other optimizer gets ``clip_grad_norm_`` (or, with a scaler, ``unscale_and_clip_``) and
-    then its step, through ``scaler.step`` with a scaler.
+    then its step, through ``scaler.step`` with a scaler. DTensor grads (FSDP2) are clipped by
+    their global norm, as ``clip_grad_norm_`` does.
 
     With a scaler this replaces ``scaler.unscale_(optimizer); clip_grad_norm_(...);
     scaler.step(optimizer)``: call ``scaler.update()`` afterwards as usual. The step is skipped
     on inf/NaN and the scaler backs off. If ``scaler.unscale_(optimizer)`` was already called this
-    iteration, the grads are taken as unscaled and its found-inf flags are used.
+    iteration, the grads are taken as unscaled and its found-inf flags are used. (torch 2.13's
+    fused SGD with momentum leaves its momentum buffer uninitialized when its very first step is
+    skipped; torch's own ``scaler.step`` does the same.)
 
     Args:
         optimizer: the optimizer to step; the grads of all its parameter groups are clipped.
@@ -126,49 +128,63 @@ def clip_and_step(
     fused = reads_grad_scale(optimizer)
     if fused:
         _check_free(optimizer)
+    state = _scaler_stage_check(scaler, optimizer) if scaler is not None else None
     params = optimizer_params(optimizer)
-    grads = V.grads_of(params, _FN, _GRADS_ARG)
-    plan = Plan.build(grads, _FN, _GRADS_ARG) if (fused and grads) else None
+    grads, group, plan = plan_grads(params, _FN)
+
+    if not fused or plan is None:  # clip, then step
+        if scaler is None:
+            norm = _clip_planned(plan, group, params, max_norm, p)
+            optimizer.step()
+        else:
+            if state["stage"] is OptState.READY:
+                norm = unscale_and_clip_planned(scaler, optimizer, state, grads, group, plan,
+                                                max_norm, p, _FN)
+            else:  # the caller already unscaled
+                norm = _clip_planned(plan, group, params, max_norm, p)
+            scaler.step(optimizer)
+        return norm
 
     if scaler is None:
-        if plan is None:  # not fused, no grads, or no kernel for them: clip, then step
-            norm = clip_grad_norm_(params, max_norm, p)
-            optimizer.step()
-            return norm
-        norm = plan.total_norm(p)
+        norm = plan.total_norm(p, group=group)
         _fused_step(optimizer, _reciprocal(clip_coefficient(max_norm, norm)), None)
         return norm
-
-    state = scaler._per_optimizer_states[id(optimizer)]
-    if scaler._scale is None:
-        raise RuntimeError(f"{_FN}: `scaler` has no scale yet: call `scaler.scale(loss).backward()` "
-                           "in this iteration before stepping")
-    if state["stage"] is OptState.STEPPED:
-        raise RuntimeError(f"{_FN}: step() has already been called since the last update(): call "
-                           "`scaler.update()` to start the next iteration first")
-    if plan is None:
-        if state["stage"] is OptState.READY:
-            norm = unscale_and_clip_(scaler, optimizer, max_norm, p)
-        else:  # the caller already unscaled: clip the unscaled grads
-            norm = clip_grad_norm_(params, max_norm, p)
-        scaler.step(optimizer)
-        return norm
-
     if state["stage"] is OptState.READY:
         check_no_fp16(grads, _FN, plan)
         inv_scale = inv_scale_of(scaler)
-        norm, found = scaled_pass(plan, p, inv_scale)
+        norm, found = scaled_pass(plan, p, inv_scale, group)
         state["found_inf_per_device"] = found
         coef = clip_coefficient(max_norm, norm)
         # grads / grad_scale = grads * inv_scale * coef, with one float32 rounding of the divisor.
         grad_scale = _reciprocal(inv_scale.to(coef.device, non_blocking=True).double() * coef.double())
     else:  # UNSCALED: the flags were recorded by scaler.unscale_
-        norm = plan.total_norm(p)
+        norm = plan.total_norm(p, group=group)
         grad_scale = _reciprocal(clip_coefficient(max_norm, norm))
-    scale = scaler._scale
-    found_inf = sum(f.to(scale.device, non_blocking=True) for f in state["found_inf_per_device"].values())
-    _fused_step(optimizer, grad_scale.to(scale.device, non_blocking=True), found_inf)
+    device = scaler._scale.device
+    found_inf = sum(f.to(device, non_blocking=True) for f in state["found_inf_per_device"].values())
+    _fused_step(optimizer, grad_scale.to(device, non_blocking=True), found_inf)
     state["stage"] = OptState.STEPPED
+    return norm
+
+
+def _scaler_stage_check(scaler: GradScaler, optimizer: torch.optim.Optimizer) -> dict:
+    """The scaler's record for ``optimizer``, after the checks ``scaler.step`` makes."""
+    if scaler._scale is None:
+        raise RuntimeError(f"{_FN}: `scaler` has no scale yet: call `scaler.scale(loss).backward()` "
+                           "in this iteration before stepping")
+    state = scaler._per_optimizer_states[id(optimizer)]
+    if state["stage"] is OptState.STEPPED:
+        raise RuntimeError(f"{_FN}: step() has already been called since the last update(): call "
+                           "`scaler.update()` to start the next iteration first")
+    return state
+
+
+def _clip_planned(plan: Optional[Plan], group, params: list, max_norm, p: float) -> torch.Tensor:
+    """``clip_grad_norm_`` on an already built plan (torch's own when there is no plan)."""
+    if plan is None:
+        return clip_grad_norm_(params, max_norm, p)
+    norm = plan.total_norm(p, group=group)
+    plan.scale_(clip_coefficient(max_norm, norm))
     return norm
 
 

@@ -22,14 +22,13 @@ bfloat16 helpers are jitted here rather than imported for the same reason.
 
 from __future__ import annotations
 
-import types
 from typing import NamedTuple
 
 import numpy as np
 from numba import njit, prange
 
 from .cpu import f32_as_u32, f32_ptr, f32_to_half, f64_ptr, half_to_f32, u16_ptr, u32_as_f32
-from .layout import BFLOAT16, DEFAULT_CHUNK_SIZE, FLOAT16, FLOAT32, FLOAT64, _balanced_bounds
+from .layout import DEFAULT_CHUNK_SIZE, FLOAT16, FLOAT32, FLOAT64, _balanced_bounds
 
 _FAST = {"reassoc", "contract"}  # no 'nnan'/'ninf': NaN and inf must survive (see cpu.py)
 _JIT = dict(nogil=True, cache=True, fastmath=_FAST, error_model="numpy", boundscheck=False)
@@ -208,71 +207,89 @@ def _scale_range(gaddr, code, start, stop, coef):
 
 
 # --- the two passes --------------------------------------------------------------------------
+# Each pass runs over chunks ``first:last``: all of them on the calling thread (small sets), or
+# one run per balanced group in a parallel loop. Every unit is summed by one run in one order,
+# so the two give bitwise-identical results.
 
 
-def _rows_body(waddrs, gaddrs, codes, row_len, row_base, c_tensor, c_row0, c_row1, c_start,
-               c_stop, c_count, group_bounds, clipping, eps, w_sq, g_sq, piece_w, piece_g):
+@njit(**_JIT)
+def _rows_run(waddrs, gaddrs, codes, row_len, row_base, c_tensor, c_row0, c_row1, c_start, c_stop,
+              c_count, first, last, clipping, eps, w_sq, g_sq, piece_w, piece_g):
+    for c in range(first, last):
+        t = c_tensor[c]
+        length = row_len[t]
+        code = codes[t]
+        if c_count[c] == 1:  # whole rows: sum, decide and scale each while it is in cache
+            for r in range(c_row0[c], c_row1[c]):
+                s = r * length
+                ws, gs = _pair_sums(waddrs[t], gaddrs[t], code, s, s + length)
+                w_sq[row_base[t] + r] = ws
+                g_sq[row_base[t] + r] = gs
+                coef = unit_coef(ws, gs, clipping, eps)
+                if coef < 1.0:
+                    _scale_range(gaddrs[t], code, s, s + length, coef)
+        else:  # a piece of a long row: its partial sums only
+            s = c_row0[c] * length
+            ws, gs = _pair_sums(waddrs[t], gaddrs[t], code, s + c_start[c], s + c_stop[c])
+            piece_w[c] = ws
+            piece_g[c] = gs
+
+
+@njit(**_JIT)
+def _pieces_run(gaddrs, codes, row_len, row_base, c_tensor, c_row0, c_start, c_stop, c_first,
+                c_count, pieces, first_piece, last_piece, clipping, eps, w_sq, g_sq, piece_w,
+                piece_g):
+    for i in range(first_piece, last_piece):
+        c = pieces[i]
+        first = c_first[c]
+        ws = 0.0
+        gs = 0.0
+        for k in range(first, first + c_count[c]):  # the row's partials, in a fixed order
+            ws += piece_w[k]
+            gs += piece_g[k]
+        t = c_tensor[c]
+        if c == first:
+            w_sq[row_base[t] + c_row0[c]] = ws
+            g_sq[row_base[t] + c_row0[c]] = gs
+        coef = unit_coef(ws, gs, clipping, eps)
+        if coef < 1.0:
+            s = c_row0[c] * row_len[t]
+            _scale_range(gaddrs[t], codes[t], s + c_start[c], s + c_stop[c], coef)
+
+
+@njit(**_JIT)
+def agc_rows_serial(waddrs, gaddrs, codes, row_len, row_base, c_tensor, c_row0, c_row1, c_start,
+                    c_stop, c_count, group_bounds, clipping, eps, w_sq, g_sq, piece_w, piece_g):
+    """First pass: clip every unit of the chunks of whole rows; partial sums of the pieces."""
+    _rows_run(waddrs, gaddrs, codes, row_len, row_base, c_tensor, c_row0, c_row1, c_start, c_stop,
+              c_count, 0, c_tensor.shape[0], clipping, eps, w_sq, g_sq, piece_w, piece_g)
+
+
+@njit(parallel=True, **_JIT)
+def agc_rows_parallel(waddrs, gaddrs, codes, row_len, row_base, c_tensor, c_row0, c_row1, c_start,
+                      c_stop, c_count, group_bounds, clipping, eps, w_sq, g_sq, piece_w, piece_g):
     for grp in prange(group_bounds.shape[0] - 1):
-        for c in range(group_bounds[grp], group_bounds[grp + 1]):
-            t = c_tensor[c]
-            length = row_len[t]
-            code = codes[t]
-            if c_count[c] == 1:
-                for r in range(c_row0[c], c_row1[c]):
-                    s = r * length
-                    ws, gs = _pair_sums(waddrs[t], gaddrs[t], code, s, s + length)
-                    w_sq[row_base[t] + r] = ws
-                    g_sq[row_base[t] + r] = gs
-                    coef = unit_coef(ws, gs, clipping, eps)
-                    if coef < 1.0:
-                        _scale_range(gaddrs[t], code, s, s + length, coef)
-            else:
-                s = c_row0[c] * length
-                ws, gs = _pair_sums(waddrs[t], gaddrs[t], code, s + c_start[c], s + c_stop[c])
-                piece_w[c] = ws
-                piece_g[c] = gs
+        _rows_run(waddrs, gaddrs, codes, row_len, row_base, c_tensor, c_row0, c_row1, c_start,
+                  c_stop, c_count, group_bounds[grp], group_bounds[grp + 1], clipping, eps, w_sq,
+                  g_sq, piece_w, piece_g)
 
 
-def _pieces_body(gaddrs, codes, row_len, row_base, c_tensor, c_row0, c_start, c_stop, c_first,
-                 c_count, pieces, piece_bounds, clipping, eps, w_sq, g_sq, piece_w, piece_g):
+@njit(**_JIT)
+def agc_pieces_serial(gaddrs, codes, row_len, row_base, c_tensor, c_row0, c_start, c_stop, c_first,
+                      c_count, pieces, piece_bounds, clipping, eps, w_sq, g_sq, piece_w, piece_g):
+    """Second pass: each piece adds its row's partials, then scales itself if clipped."""
+    _pieces_run(gaddrs, codes, row_len, row_base, c_tensor, c_row0, c_start, c_stop, c_first,
+                c_count, pieces, 0, pieces.shape[0], clipping, eps, w_sq, g_sq, piece_w, piece_g)
+
+
+@njit(parallel=True, **_JIT)
+def agc_pieces_parallel(gaddrs, codes, row_len, row_base, c_tensor, c_row0, c_start, c_stop,
+                        c_first, c_count, pieces, piece_bounds, clipping, eps, w_sq, g_sq, piece_w,
+                        piece_g):
     for grp in prange(piece_bounds.shape[0] - 1):
-        for i in range(piece_bounds[grp], piece_bounds[grp + 1]):
-            c = pieces[i]
-            first = c_first[c]
-            ws = 0.0
-            gs = 0.0
-            for k in range(first, first + c_count[c]):  # the row's partials, in a fixed order
-                ws += piece_w[k]
-                gs += piece_g[k]
-            t = c_tensor[c]
-            if c == first:
-                w_sq[row_base[t] + c_row0[c]] = ws
-                g_sq[row_base[t] + c_row0[c]] = gs
-            coef = unit_coef(ws, gs, clipping, eps)
-            if coef < 1.0:
-                s = c_row0[c] * row_len[t]
-                _scale_range(gaddrs[t], codes[t], s + c_start[c], s + c_stop[c], coef)
-
-
-def _named(fn, suffix):
-    """A copy of ``fn`` under another name.
-
-    numba's on-disk cache keys an entry by the function's qualified name, line and bytecode,
-    not by its compile flags: a serial and a ``parallel=True`` compile of one function share a
-    cache slot, and one silently loads the other's code (seen here: the serial variant ran on
-    two threads after the parallel one was cached). Distinct names give distinct slots.
-    """
-    copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + suffix,
-                              fn.__defaults__, fn.__closure__)
-    copy.__qualname__ = fn.__qualname__ + suffix
-    return copy
-
-
-# Threaded, and serial for small sets (where waking the thread pool costs more than the work).
-agc_rows_parallel = njit(parallel=True, **_JIT)(_named(_rows_body, "_parallel"))
-agc_rows_serial = njit(**_JIT)(_named(_rows_body, "_serial"))
-agc_pieces_parallel = njit(parallel=True, **_JIT)(_named(_pieces_body, "_parallel"))
-agc_pieces_serial = njit(**_JIT)(_named(_pieces_body, "_serial"))
+        _pieces_run(gaddrs, codes, row_len, row_base, c_tensor, c_row0, c_start, c_stop, c_first,
+                    c_count, pieces, piece_bounds[grp], piece_bounds[grp + 1], clipping, eps,
+                    w_sq, g_sq, piece_w, piece_g)
 
 
 def adaptive_clip(waddrs, gaddrs, codes, n_rows, row_len, clipping, eps,

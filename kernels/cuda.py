@@ -5,10 +5,13 @@ the address of one int64 *device table* (see ``table_layout``), so a launch cost
 3 tensors or 3000, and the work of typing array arguments at each launch is avoided.
 
 Kernel 1, ``power_sums_kernel``: each block takes chunks (grid-stride) and writes one float64
-partial per chunk (sum of |x|**p, or max |x| for inf) from a fixed-shape tree, so partials do
-not depend on the grid size. Blocks then take a ticket (threadfence + atomic); the last block
-combines the partials in a fixed order and writes the total, the norm and the clipping
-coefficient, all on the device. Results are bitwise reproducible, run after run.
+partial per chunk (sum of |x|**p, or max |x| for inf). Threads read 16-byte words (vector loads)
+into fixed accumulators and a fixed-shape tree combines them, so a partial depends on the
+chunk's values only: not on the grid size, nor on the tensor's alignment. Blocks then take a
+ticket (threadfence + atomic); the last block combines the partials in a fixed order and writes
+the total, the norm and the clipping coefficient, all on the device. With ``per_tensor_addr``,
+the block that completes a tensor's chunks (a per-tensor ticket) also folds that tensor's
+partials. Results are bitwise reproducible, run after run.
 
 Kernel 2, ``scale_kernel``: every block reads the coefficient from device memory and returns at
 once when it is >= 1, so a step that does not clip reads the grads once in all.
@@ -29,7 +32,7 @@ import threading
 import numpy as np
 from numba import cuda
 
-from .layout import BFLOAT16, FLOAT16, FLOAT32, FLOAT64, NORM_INF, NORM_L1, NORM_L2
+from .layout import FLOAT16, FLOAT32, FLOAT64, NORM_INF, NORM_L1, NORM_L2, NORM_POWER
 
 SIMULATOR = bool(cuda.config.ENABLE_CUDASIM)
 
@@ -135,6 +138,31 @@ if SIMULATOR:
     def ld_cg_i64(addr):
         return as_i64(addr, 1)[0]
 
+    # 16-byte vector loads and stores (addr 16-byte aligned).
+    def ld_v4_f32(addr):
+        x = as_f32(addr, 4)
+        return x[0], x[1], x[2], x[3]
+
+    def ld_v4_u32(addr):
+        x = _view(addr, 4, ctypes.c_uint32, np.uint32)
+        return x[0], x[1], x[2], x[3]
+
+    def ld_v2_f64(addr):
+        x = as_f64(addr, 2)
+        return x[0], x[1]
+
+    def st_v4_f32(addr, a, b, c, d):
+        x = as_f32(addr, 4)
+        x[0], x[1], x[2], x[3] = a, b, c, d
+
+    def st_v4_u32(addr, a, b, c, d):
+        x = _view(addr, 4, ctypes.c_uint32, np.uint32)
+        x[0], x[1], x[2], x[3] = a, b, c, d
+
+    def st_v2_f64(addr, a, b):
+        x = as_f64(addr, 2)
+        x[0], x[1] = a, b
+
     _device = cuda.jit(device=True)
     _kernel = cuda.jit
 else:
@@ -142,11 +170,15 @@ else:
     from numba.cuda import types
     from numba.cuda.extending import intrinsic
 
+    # Grads, tables and scratch all live in global memory: typed pointers in address space 1
+    # give plain ld.global/st.global instead of generic loads.
+    _GLOBAL = 1
+
     def _pointer_intrinsic(element):
         @intrinsic
         def as_pointer(typingctx, addr, n):
             # ``n`` (the element count) is for the simulator's views; a pointer needs none.
-            sig = types.CPointer(element)(types.int64, types.int64)
+            sig = types.CPointer(element, addrspace=_GLOBAL)(types.int64, types.int64)
 
             def codegen(context, builder, signature, args):
                 return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
@@ -166,7 +198,7 @@ else:
         sig = types.int64(types.int64)
 
         def codegen(context, builder, signature, args):
-            ptr = builder.inttoptr(args[0], ir.PointerType(ir.IntType(64)))
+            ptr = builder.inttoptr(args[0], ir.PointerType(ir.IntType(64), _GLOBAL))
             return builder.atomic_rmw("add", ptr, ir.Constant(ir.IntType(64), 1), "monotonic")
 
         return sig, codegen
@@ -226,6 +258,56 @@ else:
     ld_cg_f64 = _ld_cg(types.float64, "ld.global.cg.f64 $0, [$1];")
     ld_cg_i64 = _ld_cg(types.int64, "ld.global.cg.s64 $0, [$1];")
 
+    def _vector_load(element, lanes):
+        @intrinsic
+        def load(typingctx, addr):
+            """One 16-byte load (ld.global.v4.b32 / v2.f64) from a 16-byte aligned address."""
+            sig = types.UniTuple(element, lanes)(types.int64)
+
+            def codegen(context, builder, signature, args):
+                lane = context.get_value_type(element)
+                ptr = builder.inttoptr(args[0], ir.PointerType(ir.VectorType(lane, lanes), _GLOBAL))
+                vec = builder.load(ptr, align=16)
+                items = [builder.extract_element(vec, ir.Constant(ir.IntType(32), i))
+                         for i in range(lanes)]
+                return context.make_tuple(builder, signature.return_type, items)
+
+            return sig, codegen
+
+        return load
+
+    def _vector_store(element, lanes):
+        def codegen(context, builder, signature, args):
+            lane = context.get_value_type(element)
+            vec = ir.Constant(ir.VectorType(lane, lanes), None)
+            for i in range(lanes):
+                vec = builder.insert_element(vec, args[1 + i], ir.Constant(ir.IntType(32), i))
+            ptr = builder.inttoptr(args[0], ir.PointerType(ir.VectorType(lane, lanes), _GLOBAL))
+            builder.store(vec, ptr, align=16)
+            return context.get_dummy_value()
+
+        if lanes == 4:
+            @intrinsic
+            def store4(typingctx, addr, a, b, c, d):
+                """One 16-byte store (st.global.v4.b32) to a 16-byte aligned address."""
+                return types.void(types.int64, element, element, element, element), codegen
+
+            return store4
+
+        @intrinsic
+        def store2(typingctx, addr, a, b):
+            """One 16-byte store (st.global.v2.f64) to a 16-byte aligned address."""
+            return types.void(types.int64, element, element), codegen
+
+        return store2
+
+    ld_v4_f32 = _vector_load(types.float32, 4)
+    ld_v4_u32 = _vector_load(types.uint32, 4)
+    ld_v2_f64 = _vector_load(types.float64, 2)
+    st_v4_f32 = _vector_store(types.float32, 4)
+    st_v4_u32 = _vector_store(types.uint32, 4)
+    st_v2_f64 = _vector_store(types.float64, 2)
+
     _device = cuda.jit(device=True, forceinline=True)
 
     def _kernel(fn):
@@ -248,118 +330,34 @@ def f32_to_bf16(value):
     return np.uint16((u + bias) >> np.uint32(16))
 
 
-# --- per-thread loops: elements j, j + THREADS, ... of one chunk --------------------------------
-# Four independent loads per iteration keep enough bytes in flight to run at memory speed; the
-# four float64 accumulators are added in a fixed order. The inf norm is an integer max over the
-# absolute values' bit patterns (every NaN sorts above inf, so NaN wins).
+# --- per-thread loops over one chunk --------------------------------------------------------------
+# A chunk is read as 16-byte words: 4 float32, 2 float64 or 8 16-bit values. Thread ``tid`` takes
+# words tid, tid + THREADS, ..., and each value of a word goes to a fixed one of four float64
+# accumulators, in a fixed order: a partial depends on the chunk's values and THREADS only. An
+# aligned chunk is read with one vector load per word, two words in flight per thread; a chunk at
+# an odd offset (a view into a flat buffer) reads the same values one by one, in the same order,
+# so it gives the same bits. The inf norm keeps a NaN-winning max of |x| in the accumulators.
 
 _T = THREADS
 
 
 @_device
-def _f32_sum(addr, j, stop, kind, p):
-    x = as_f32(addr, stop)
-    if kind == NORM_INF:
-        top = np.uint32(0)
-        m = np.uint32(0x7FFFFFFF)
-        while j + 3 * _T < stop:
-            a = f32_as_u32(x[j]) & m
-            b = f32_as_u32(x[j + _T]) & m
-            c = f32_as_u32(x[j + 2 * _T]) & m
-            d = f32_as_u32(x[j + 3 * _T]) & m
-            top = max(top, max(max(a, b), max(c, d)))
-            j += 4 * _T
-        while j < stop:
-            top = max(top, f32_as_u32(x[j]) & m)
-            j += _T
-        return np.float64(u32_as_f32(top))
-    s0 = 0.0
-    s1 = 0.0
-    s2 = 0.0
-    s3 = 0.0
+def _acc(s, v, kind):
+    """Accumulate the float64 value v: s + v*v (L2), s + |v| (L1), or max(s, |v|) letting NaN
+    win (inf)."""
     if kind == NORM_L2:
-        while j + 3 * _T < stop:
-            a = np.float64(x[j])
-            b = np.float64(x[j + _T])
-            c = np.float64(x[j + 2 * _T])
-            d = np.float64(x[j + 3 * _T])
-            s0 += a * a
-            s1 += b * b
-            s2 += c * c
-            s3 += d * d
-            j += 4 * _T
-        while j < stop:
-            a = np.float64(x[j])
-            s0 += a * a
-            j += _T
-    elif kind == NORM_L1:
-        while j + 3 * _T < stop:
-            s0 += abs(np.float64(x[j]))
-            s1 += abs(np.float64(x[j + _T]))
-            s2 += abs(np.float64(x[j + 2 * _T]))
-            s3 += abs(np.float64(x[j + 3 * _T]))
-            j += 4 * _T
-        while j < stop:
-            s0 += abs(np.float64(x[j]))
-            j += _T
-    else:  # general p: rare, and pow dominates; one call site keeps the code small
-        while j < stop:
-            s0 += abs(np.float64(x[j])) ** p
-            j += _T
-    return (s0 + s1) + (s2 + s3)
+        return s + v * v
+    a = abs(v)
+    if kind == NORM_L1:
+        return s + a
+    if a > s or a != a:
+        return a
+    return s
 
 
 @_device
-def _f64_sum(addr, j, stop, kind, p):
-    x = as_f64(addr, stop)
-    if kind == NORM_INF:
-        top = np.uint64(0)
-        m = np.uint64(0x7FFFFFFFFFFFFFFF)
-        while j + 3 * _T < stop:
-            a = f64_as_u64(x[j]) & m
-            b = f64_as_u64(x[j + _T]) & m
-            c = f64_as_u64(x[j + 2 * _T]) & m
-            d = f64_as_u64(x[j + 3 * _T]) & m
-            top = max(top, max(max(a, b), max(c, d)))
-            j += 4 * _T
-        while j < stop:
-            top = max(top, f64_as_u64(x[j]) & m)
-            j += _T
-        return u64_as_f64(top)
-    s0 = 0.0
-    s1 = 0.0
-    s2 = 0.0
-    s3 = 0.0
-    if kind == NORM_L2:
-        while j + 3 * _T < stop:
-            a = x[j]
-            b = x[j + _T]
-            c = x[j + 2 * _T]
-            d = x[j + 3 * _T]
-            s0 += a * a
-            s1 += b * b
-            s2 += c * c
-            s3 += d * d
-            j += 4 * _T
-        while j < stop:
-            a = x[j]
-            s0 += a * a
-            j += _T
-    elif kind == NORM_L1:
-        while j + 3 * _T < stop:
-            s0 += abs(x[j])
-            s1 += abs(x[j + _T])
-            s2 += abs(x[j + 2 * _T])
-            s3 += abs(x[j + 3 * _T])
-            j += 4 * _T
-        while j < stop:
-            s0 += abs(x[j])
-            j += _T
-    else:
-        while j < stop:
-            s0 += abs(x[j]) ** p
-            j += _T
-    return (s0 + s1) + (s2 + s3)
+def _fold4(s0, s1, s2, s3, kind):
+    return _combine(_combine(s0, s1, kind), _combine(s2, s3, kind), kind)
 
 
 @_device
@@ -370,66 +368,200 @@ def _decode16(bits, is_half):
 
 
 @_device
-def _h16_sum(addr, is_half, j, stop, kind, p):
-    """fp16 (``is_half``) or bf16, read as uint16 bits."""
-    x = as_u16(addr, stop)
-    if kind == NORM_INF:
-        top = np.uint16(0)
-        m = np.uint16(0x7FFF)
-        while j + 3 * _T < stop:
-            a = x[j] & m
-            b = x[j + _T] & m
-            c = x[j + 2 * _T] & m
-            d = x[j + 3 * _T] & m
-            top = max(top, max(max(a, b), max(c, d)))
-            j += 4 * _T
-        while j < stop:
-            top = max(top, x[j] & m)
-            j += _T
-        return np.float64(_decode16(top, is_half))
+def _encode16(value, is_half):
+    if is_half:
+        return f32_to_half(value)
+    return f32_to_bf16(value)
+
+
+@_device
+def _pack16(lo, hi):
+    return np.uint32(lo) | (np.uint32(hi) << np.uint32(16))
+
+
+@_device
+def _acc_pair(s, u, is_half, kind):
+    """Accumulate the two 16-bit values packed in u (uint32), low half first."""
+    s = _acc(s, np.float64(_decode16(np.uint16(u & np.uint32(0xFFFF)), is_half)), kind)
+    return _acc(s, np.float64(_decode16(np.uint16(u >> np.uint32(16)), is_half)), kind)
+
+
+@_device
+def _f32_words(addr, start, stop, tid, kind):
+    base = addr + 4 * start
+    nw = (stop - start) >> 2
+    aligned = (base & 15) == 0
+    x = as_f32(base, stop - start)
     s0 = 0.0
     s1 = 0.0
     s2 = 0.0
     s3 = 0.0
-    if kind == NORM_L2:
-        while j + 3 * _T < stop:
-            a = np.float64(_decode16(x[j], is_half))
-            b = np.float64(_decode16(x[j + _T], is_half))
-            c = np.float64(_decode16(x[j + 2 * _T], is_half))
-            d = np.float64(_decode16(x[j + 3 * _T], is_half))
-            s0 += a * a
-            s1 += b * b
-            s2 += c * c
-            s3 += d * d
-            j += 4 * _T
-        while j < stop:
-            a = np.float64(_decode16(x[j], is_half))
-            s0 += a * a
-            j += _T
-    elif kind == NORM_L1:
-        while j + 3 * _T < stop:
-            s0 += abs(np.float64(_decode16(x[j], is_half)))
-            s1 += abs(np.float64(_decode16(x[j + _T], is_half)))
-            s2 += abs(np.float64(_decode16(x[j + 2 * _T], is_half)))
-            s3 += abs(np.float64(_decode16(x[j + 3 * _T], is_half)))
-            j += 4 * _T
-        while j < stop:
-            s0 += abs(np.float64(_decode16(x[j], is_half)))
-            j += _T
-    else:
-        while j < stop:
-            s0 += abs(np.float64(_decode16(x[j], is_half))) ** p
-            j += _T
-    return (s0 + s1) + (s2 + s3)
+    w = tid
+    while w + _T < nw:
+        if aligned:
+            a0, a1, a2, a3 = ld_v4_f32(base + 16 * w)
+            b0, b1, b2, b3 = ld_v4_f32(base + 16 * (w + _T))
+        else:
+            i = 4 * w
+            k = 4 * (w + _T)
+            a0, a1, a2, a3 = x[i], x[i + 1], x[i + 2], x[i + 3]
+            b0, b1, b2, b3 = x[k], x[k + 1], x[k + 2], x[k + 3]
+        s0 = _acc(s0, np.float64(a0), kind)
+        s1 = _acc(s1, np.float64(a1), kind)
+        s2 = _acc(s2, np.float64(a2), kind)
+        s3 = _acc(s3, np.float64(a3), kind)
+        s0 = _acc(s0, np.float64(b0), kind)
+        s1 = _acc(s1, np.float64(b1), kind)
+        s2 = _acc(s2, np.float64(b2), kind)
+        s3 = _acc(s3, np.float64(b3), kind)
+        w += 2 * _T
+    if w < nw:
+        if aligned:
+            a0, a1, a2, a3 = ld_v4_f32(base + 16 * w)
+        else:
+            i = 4 * w
+            a0, a1, a2, a3 = x[i], x[i + 1], x[i + 2], x[i + 3]
+        s0 = _acc(s0, np.float64(a0), kind)
+        s1 = _acc(s1, np.float64(a1), kind)
+        s2 = _acc(s2, np.float64(a2), kind)
+        s3 = _acc(s3, np.float64(a3), kind)
+    rem = (stop - start) & 3
+    if rem != 0 and tid == nw % _T:  # the last, partial word
+        i = 4 * nw
+        s0 = _acc(s0, np.float64(x[i]), kind)
+        if rem > 1:
+            s1 = _acc(s1, np.float64(x[i + 1]), kind)
+        if rem > 2:
+            s2 = _acc(s2, np.float64(x[i + 2]), kind)
+    return _fold4(s0, s1, s2, s3, kind)
 
 
 @_device
-def _thread_sum(addr, code, j, stop, kind, p):
+def _f64_words(addr, start, stop, tid, kind):
+    # Words alternate between accumulator pairs: a thread's even words feed s0, s1, its odd
+    # words s2, s3.
+    base = addr + 8 * start
+    nw = (stop - start) >> 1
+    aligned = (base & 15) == 0
+    x = as_f64(base, stop - start)
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    w = tid
+    while w + _T < nw:
+        if aligned:
+            a0, a1 = ld_v2_f64(base + 16 * w)
+            b0, b1 = ld_v2_f64(base + 16 * (w + _T))
+        else:
+            i = 2 * w
+            k = 2 * (w + _T)
+            a0, a1, b0, b1 = x[i], x[i + 1], x[k], x[k + 1]
+        s0 = _acc(s0, a0, kind)
+        s1 = _acc(s1, a1, kind)
+        s2 = _acc(s2, b0, kind)
+        s3 = _acc(s3, b1, kind)
+        w += 2 * _T
+    if w < nw:
+        if aligned:
+            a0, a1 = ld_v2_f64(base + 16 * w)
+        else:
+            a0, a1 = x[2 * w], x[2 * w + 1]
+        s0 = _acc(s0, a0, kind)
+        s1 = _acc(s1, a1, kind)
+    if (stop - start) & 1 and tid == nw % _T:  # the last, half word
+        if (nw // _T) & 1:
+            s2 = _acc(s2, x[2 * nw], kind)
+        else:
+            s0 = _acc(s0, x[2 * nw], kind)
+    return _fold4(s0, s1, s2, s3, kind)
+
+
+@_device
+def _h16_words(addr, is_half, start, stop, tid, kind):
+    """fp16 (``is_half``) or bf16, read as bits; a word is four uint32 of two values each."""
+    base = addr + 2 * start
+    nw = (stop - start) >> 3
+    aligned = (base & 15) == 0
+    x = as_u16(base, stop - start)
+    s0 = 0.0
+    s1 = 0.0
+    s2 = 0.0
+    s3 = 0.0
+    w = tid
+    while w + _T < nw:
+        if aligned:
+            a0, a1, a2, a3 = ld_v4_u32(base + 16 * w)
+            b0, b1, b2, b3 = ld_v4_u32(base + 16 * (w + _T))
+        else:
+            i = 8 * w
+            k = 8 * (w + _T)
+            a0, a1 = _pack16(x[i], x[i + 1]), _pack16(x[i + 2], x[i + 3])
+            a2, a3 = _pack16(x[i + 4], x[i + 5]), _pack16(x[i + 6], x[i + 7])
+            b0, b1 = _pack16(x[k], x[k + 1]), _pack16(x[k + 2], x[k + 3])
+            b2, b3 = _pack16(x[k + 4], x[k + 5]), _pack16(x[k + 6], x[k + 7])
+        s0 = _acc_pair(s0, a0, is_half, kind)
+        s1 = _acc_pair(s1, a1, is_half, kind)
+        s2 = _acc_pair(s2, a2, is_half, kind)
+        s3 = _acc_pair(s3, a3, is_half, kind)
+        s0 = _acc_pair(s0, b0, is_half, kind)
+        s1 = _acc_pair(s1, b1, is_half, kind)
+        s2 = _acc_pair(s2, b2, is_half, kind)
+        s3 = _acc_pair(s3, b3, is_half, kind)
+        w += 2 * _T
+    if w < nw:
+        if aligned:
+            a0, a1, a2, a3 = ld_v4_u32(base + 16 * w)
+        else:
+            i = 8 * w
+            a0, a1 = _pack16(x[i], x[i + 1]), _pack16(x[i + 2], x[i + 3])
+            a2, a3 = _pack16(x[i + 4], x[i + 5]), _pack16(x[i + 6], x[i + 7])
+        s0 = _acc_pair(s0, a0, is_half, kind)
+        s1 = _acc_pair(s1, a1, is_half, kind)
+        s2 = _acc_pair(s2, a2, is_half, kind)
+        s3 = _acc_pair(s3, a3, is_half, kind)
+    rem = (stop - start) & 7
+    if rem != 0 and tid == nw % _T:  # the last, partial word: value k goes where it would in a word
+        i = 8 * nw
+        for k in range(rem):
+            v = np.float64(_decode16(x[i + k], is_half))
+            if k < 2:
+                s0 = _acc(s0, v, kind)
+            elif k < 4:
+                s1 = _acc(s1, v, kind)
+            elif k < 6:
+                s2 = _acc(s2, v, kind)
+            else:
+                s3 = _acc(s3, v, kind)
+    return _fold4(s0, s1, s2, s3, kind)
+
+
+@_device
+def _load64(addr, code, j):
+    """Element j of a tensor, as float64 (exact for every dtype)."""
     if code == FLOAT32:
-        return _f32_sum(addr, j, stop, kind, p)
+        return np.float64(as_f32(addr, j + 1)[j])
     if code == FLOAT64:
-        return _f64_sum(addr, j, stop, kind, p)
-    return _h16_sum(addr, code == FLOAT16, j, stop, kind, p)
+        return as_f64(addr, j + 1)[j]
+    return np.float64(_decode16(as_u16(addr, j + 1)[j], code == FLOAT16))
+
+
+@_device
+def _thread_sum(addr, code, start, stop, tid, kind, p):
+    """This thread's share of one chunk's sum of |x|**p (max |x| for inf), in float64."""
+    if kind == NORM_POWER:
+        # General p: rare, and pow dominates; one plain loop (one call site keeps code small).
+        s = 0.0
+        j = start + tid
+        while j < stop:
+            s += abs(_load64(addr, code, j)) ** p
+            j += _T
+        return s
+    if code == FLOAT32:
+        return _f32_words(addr, start, stop, tid, kind)
+    if code == FLOAT64:
+        return _f64_words(addr, start, stop, tid, kind)
+    return _h16_words(addr, code == FLOAT16, start, stop, tid, kind)
 
 
 @_device
@@ -626,7 +758,7 @@ def power_sums_kernel(table, n, nc, kind, p, scratch, flags, max_norm,
         code = tab[n + t] & CODE_MASK
         start = tab[o_start + c]
         stop = tab[o_stop + c]
-        sh[tid] = _thread_sum(addr, code, start + tid, stop, kind, p)
+        sh[tid] = _thread_sum(addr, code, start, stop, tid, kind, p)
         part = _block_reduce(sh, tid, kind)
         if tid == 0:
             partials[c] = part
@@ -713,65 +845,85 @@ def scale_kernel(table, n, nc, coef_addr, coef_is_f64):
         t = tab[2 * n + c]
         code = tab[n + t]
         if code < READONLY:
-            _scale_thread(tab[t], code, tab[2 * n + nc + c] + tid, tab[2 * n + 2 * nc + c], c32, c64)
+            _scale_thread(tab[t], code, tab[2 * n + nc + c], tab[2 * n + 2 * nc + c], tid, c32, c64)
         c += cuda.gridDim.x
 
 
 @_device
-def _scale_thread(addr, code, j, stop, c32, c64):
+def _scale_pair(u, is_half, c32):
+    lo = _encode16(_decode16(np.uint16(u & np.uint32(0xFFFF)), is_half) * c32, is_half)
+    hi = _encode16(_decode16(np.uint16(u >> np.uint32(16)), is_half) * c32, is_half)
+    return _pack16(lo, hi)
+
+
+@_device
+def _scale_thread(addr, code, start, stop, tid, c32, c64):
+    """Scale this thread's share of one chunk: 16-byte words when aligned, two in flight (the
+    last partial word element by element), else every element one by one."""
+    if code == FLOAT32:
+        esize = 4
+    elif code == FLOAT64:
+        esize = 8
+    else:
+        esize = 2
+    base = addr + esize * start
+    per_word = 16 // esize
+    nw = (stop - start) // per_word
+    j = start + tid  # first element left to the scalar loop
+    if (base & 15) == 0:
+        w = tid
+        if code == FLOAT32:
+            while w + _T < nw:
+                a0, a1, a2, a3 = ld_v4_f32(base + 16 * w)
+                b0, b1, b2, b3 = ld_v4_f32(base + 16 * (w + _T))
+                st_v4_f32(base + 16 * w, a0 * c32, a1 * c32, a2 * c32, a3 * c32)
+                st_v4_f32(base + 16 * (w + _T), b0 * c32, b1 * c32, b2 * c32, b3 * c32)
+                w += 2 * _T
+            if w < nw:
+                a0, a1, a2, a3 = ld_v4_f32(base + 16 * w)
+                st_v4_f32(base + 16 * w, a0 * c32, a1 * c32, a2 * c32, a3 * c32)
+        elif code == FLOAT64:
+            while w + _T < nw:
+                a0, a1 = ld_v2_f64(base + 16 * w)
+                b0, b1 = ld_v2_f64(base + 16 * (w + _T))
+                st_v2_f64(base + 16 * w, a0 * c64, a1 * c64)
+                st_v2_f64(base + 16 * (w + _T), b0 * c64, b1 * c64)
+                w += 2 * _T
+            if w < nw:
+                a0, a1 = ld_v2_f64(base + 16 * w)
+                st_v2_f64(base + 16 * w, a0 * c64, a1 * c64)
+        else:
+            is_half = code == FLOAT16
+            while w + _T < nw:
+                a0, a1, a2, a3 = ld_v4_u32(base + 16 * w)
+                b0, b1, b2, b3 = ld_v4_u32(base + 16 * (w + _T))
+                st_v4_u32(base + 16 * w, _scale_pair(a0, is_half, c32), _scale_pair(a1, is_half, c32),
+                          _scale_pair(a2, is_half, c32), _scale_pair(a3, is_half, c32))
+                st_v4_u32(base + 16 * (w + _T), _scale_pair(b0, is_half, c32),
+                          _scale_pair(b1, is_half, c32), _scale_pair(b2, is_half, c32),
+                          _scale_pair(b3, is_half, c32))
+                w += 2 * _T
+            if w < nw:
+                a0, a1, a2, a3 = ld_v4_u32(base + 16 * w)
+                st_v4_u32(base + 16 * w, _scale_pair(a0, is_half, c32), _scale_pair(a1, is_half, c32),
+                          _scale_pair(a2, is_half, c32), _scale_pair(a3, is_half, c32))
+        j = start + per_word * nw + tid
     if code == FLOAT32:
         x = as_f32(addr, stop)
-        while j + 3 * _T < stop:
-            a = x[j]
-            b = x[j + _T]
-            c = x[j + 2 * _T]
-            d = x[j + 3 * _T]
-            x[j] = a * c32
-            x[j + _T] = b * c32
-            x[j + 2 * _T] = c * c32
-            x[j + 3 * _T] = d * c32
-            j += 4 * _T
         while j < stop:
             x[j] = x[j] * c32
             j += _T
     elif code == FLOAT64:
         y = as_f64(addr, stop)
-        while j + 3 * _T < stop:
-            a = y[j]
-            b = y[j + _T]
-            c = y[j + 2 * _T]
-            d = y[j + 3 * _T]
-            y[j] = a * c64
-            y[j + _T] = b * c64
-            y[j + 2 * _T] = c * c64
-            y[j + 3 * _T] = d * c64
-            j += 4 * _T
         while j < stop:
             y[j] = y[j] * c64
             j += _T
     else:
         h = as_u16(addr, stop)
         is_half = code == FLOAT16
-        while j + 3 * _T < stop:
-            a = h[j]
-            b = h[j + _T]
-            c = h[j + 2 * _T]
-            d = h[j + 3 * _T]
-            h[j] = _encode16(_decode16(a, is_half) * c32, is_half)
-            h[j + _T] = _encode16(_decode16(b, is_half) * c32, is_half)
-            h[j + 2 * _T] = _encode16(_decode16(c, is_half) * c32, is_half)
-            h[j + 3 * _T] = _encode16(_decode16(d, is_half) * c32, is_half)
-            j += 4 * _T
         while j < stop:
             h[j] = _encode16(_decode16(h[j], is_half) * c32, is_half)
             j += _T
-
-
-@_device
-def _encode16(value, is_half):
-    if is_half:
-        return f32_to_half(value)
-    return f32_to_bf16(value)
 
 
 # --- clamp (clip_grad_value_) ----------------------------------------------------------------------

@@ -3,10 +3,11 @@
 The reference computes each unit's norms exactly (``math.fsum`` of float64 squares), applies
 ``max_norm = clipping * max(||W||, eps)`` and, when ``||G|| > max_norm``, multiplies the unit by
 ``max_norm / max(||G||, 1e-6)`` with torch's own ``mul_``. The kernels accumulate in float64 in
-another order, so their factors may differ from the reference's in the last bit of a float64:
+another order, so their factors may differ from the reference's in the last bits of a float64:
 after rounding to float32 (the factor 32- and 16-bit grads are multiplied by) that is invisible
-on these inputs, and the results are compared bit for bit; float64 grads are compared to a
-relative 1e-15 (the sums' rounding, ~n * 2**-53, for n <= ~3000 elements per unit).
+on these inputs, and the results are compared bit for bit. float64 grads are compared within
+``float64_rtol``: a sum of n non-negative terms errs by at most (n - 1) * 2**-53 relative in any
+order, the square root halves that, and the factor's division and the multiply add an ulp each.
 """
 
 from __future__ import annotations
@@ -88,12 +89,22 @@ def clone_params(params):
     return out
 
 
+def float64_rtol(unit_len: int) -> float:
+    """The relative difference allowed between two float64 AGC results (module docstring)."""
+    return (unit_len + 4) * 2.0 ** -53
+
+
+def unit_len(t: torch.Tensor) -> int:
+    return t.numel() // t.shape[0] if t.dim() >= 2 and t.shape[0] else t.numel()
+
+
 def assert_grads_match(ours, ref):
     for a, b in zip(ours, ref):
         if a.grad is None:
             assert b.grad is None
         elif a.grad.dtype == torch.float64:
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-15, atol=0, equal_nan=True)
+            torch.testing.assert_close(a.grad, b.grad, rtol=float64_rtol(unit_len(a.grad)), atol=0,
+                                       equal_nan=True)
         else:
             assert_bitwise_equal(a.grad, b.grad, nan_bits=False)
 
@@ -108,12 +119,13 @@ SHAPES = [(), (7,), (5, 3), (1, 9), (4, 2, 5), (6, 3, 3, 3), (0, 3), (3, 0), (33
 def test_matches_reference_all_shapes(dtype):
     params = make_params(SHAPES, dtype, seed=1)
     ref = clone_params(params)
+    originals = [p.grad.clone() for p in params]
     fastclip.adaptive_grad_clip_(params)
     agc_reference_(ref)
     assert_grads_match(params, ref)
-    clipped = sum(int(not torch.equal(p.grad, q.grad)) for p, q in zip(params, clone_params(
-        make_params(SHAPES, dtype, seed=1))))
-    assert clipped >= 4  # negative control: the inputs do get clipped
+    clipped = sum(not torch.equal(p.grad, g) for p, g in zip(params, originals))
+    assert clipped >= 4  # negative control: the inputs do get clipped (and some do not)
+    assert clipped < sum(g.numel() > 0 for g in originals)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
@@ -150,10 +162,10 @@ def test_kernel_pieces_groups_and_unit_norms(dtype):
     agc_reference_(ref)
     w_sq, g_sq, grads = results[0]
     for value, exact in zip(list(w_sq) + list(g_sq), exact_w + exact_g):
-        assert abs(value - exact) <= 16 * 2.0 ** -53 * exact
+        assert abs(value - exact) <= 13 * 2.0 ** -53 * exact  # units of at most 13 elements
     for got, want in zip(grads, ref):
         if dtype == torch.float64:
-            torch.testing.assert_close(got, want.grad, rtol=1e-15, atol=0)
+            torch.testing.assert_close(got, want.grad, rtol=float64_rtol(unit_len(got)), atol=0)
         else:
             assert_bitwise_equal(got, want.grad)
     for other in results[1:]:
@@ -340,7 +352,8 @@ _SIM_SCRIPT = textwrap.dedent("""
             "sums_rel_err": float(np.max(np.abs(out[:2 * rows] - np.concatenate([w_sq, g_sq]))
                                          / np.maximum(np.concatenate([w_sq, g_sq]), 1e-300))),
             "grads_equal": all(np.array_equal(a, b) for a, b in zip(gs, g_cpu)),
-            "grads_close": all(np.allclose(a, b, rtol=1e-15, atol=0) for a, b in zip(gs, g_cpu))
+            "grads_close": all(np.allclose(a, b, rtol=2 * 74 * 2.0 ** -53, atol=0)
+                               for a, b in zip(gs, g_cpu))
                            if name == "float64" else None,
             "changed": int(sum(not np.array_equal(a, b) for a, b in zip(gs, g_orig))),
         }
@@ -363,11 +376,13 @@ def test_cuda_kernels_in_simulator_match_cpu_kernels():
                           env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
+    # Sums of at most 70 terms in two orders (sequential; strided plus a tree): 2 * 70 * 2**-53.
+    sums_tol = 2 * 70 * 2.0 ** -53
     for name in ("float32", "float16", "bfloat16"):
         assert report[name]["grads_equal"], (name, report[name])
-        assert report[name]["sums_rel_err"] <= 1e-15, (name, report[name])
+        assert report[name]["sums_rel_err"] <= sums_tol, (name, report[name])
         assert report[name]["changed"] >= 3, (name, report[name])  # units were clipped
-    assert report["float64"]["grads_close"] and report["float64"]["sums_rel_err"] <= 1e-15
+    assert report["float64"]["grads_close"] and report["float64"]["sums_rel_err"] <= sums_tol
     assert report["zero_flag0_untouched"] and report["zero_flag1_zeroed"]
 
 
@@ -425,6 +440,6 @@ def test_cuda_matches_cpu_and_never_syncs(dtype):
     agc_reference_(cpu)
     for p, q in zip(cpu, gpu):
         if dtype == torch.float64:
-            torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=1e-15, atol=0)
+            torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=float64_rtol(unit_len(p.grad)), atol=0)
         else:
             assert_bitwise_equal(q.grad.cpu(), p.grad)

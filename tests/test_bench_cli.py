@@ -189,7 +189,7 @@ def test_model_run_writes_json_and_plot(tiny_models, tmp_path, capsys):
     assert "model:" in captured.out and "median ms" in captured.out
     assert "[" in captured.err  # progress goes to stderr, never into the table
 
-    data = json.loads(out_json.read_text())
+    data = json.loads(out_json.read_text(), parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
     assert data["norms_agree"] is True and data["cold_start"] is None
     (s,) = data["sets"]
     assert s["name"] == f"model:{tiny_models}:mlp"

@@ -15,7 +15,7 @@ import torch.nn.utils.clip_grad as torch_clip
 import fastclip
 from fastclip import AutoClip, GradClipper, ZClip
 from fastclip.policies import ClipPolicy
-from device_style import DeviceStyleBackend, device_style  # noqa: F401 (fixture)
+from device_style import DeviceStyleBackend
 from reference import ALL_DTYPES, assert_bitwise_equal
 
 SHAPES = [(6, 5), (5,), (3, 2, 2), ()]
@@ -197,7 +197,8 @@ def test_autoclip_history_ignores_nonfinite_steps():
 
 
 @pytest.mark.parametrize("bad", [math.inf, math.nan], ids=["inf", "nan"])
-@pytest.mark.parametrize("policy", [None, AutoClip(history=4), ZClip(warmup=2)], ids=["fixed", "autoclip", "zclip"])
+@pytest.mark.parametrize("policy", [None, AutoClip(history=4), ZClip(warmup=2)],
+                         ids=["fixed", "autoclip", "zclip"])
 def test_nonfinite_modes(bad, policy):
     def fresh(mode):
         params = make_params()
@@ -303,7 +304,8 @@ class _LenientBackend(DeviceStyleBackend):
     scale_ = staticmethod(_lenient(DeviceStyleBackend.scale_))
 
 
-@pytest.mark.parametrize("policy", [None, AutoClip(history=5), ZClip(warmup=3)], ids=["fixed", "autoclip", "zclip"])
+@pytest.mark.parametrize("policy", [None, AutoClip(history=5), ZClip(warmup=3)],
+                         ids=["fixed", "autoclip", "zclip"])
 @pytest.mark.parametrize("mode", ["propagate", "skip"])
 def test_step_never_reads_device_values(monkeypatch, policy, mode):
     """With a device-style backend, a step reads no tensor value back (a sync on a GPU)."""
@@ -450,7 +452,8 @@ def test_bad_arguments(kwargs, error, words):
 
 
 @pytest.mark.parametrize("make, error, words", [
-    (lambda: AutoClip(percentile=101), ValueError, "AutoClip: `percentile` must be in [0.0, 100.0], got 101.0"),
+    (lambda: AutoClip(percentile=101), ValueError,
+     "AutoClip: `percentile` must be in [0.0, 100.0], got 101.0"),
     (lambda: AutoClip(percentile="10"), TypeError, "AutoClip: `percentile` must be a real number"),
     (lambda: AutoClip(history=0), ValueError, "AutoClip: `history` must be an integer >= 1, got 0"),
     (lambda: AutoClip(history=2.5), ValueError, "`history`"),
@@ -462,6 +465,19 @@ def test_bad_policy_arguments(make, error, words):
     with pytest.raises(error) as info:
         make()
     assert words in str(info.value)
+
+
+def test_infinite_max_norm_only_records():
+    params = make_params()
+    clipper = GradClipper(params, max_norm=math.inf)
+    for step in range(4):
+        grads = grads_at(step, spikes=(2,))
+        set_grads(params, grads)
+        clipper.step()
+        for p, g in zip(params, grads):
+            assert_bitwise_equal(p.grad, g)
+    s = clipper.summary()
+    assert s["steps"] == 4 and s["clipped_steps"] == 0 and s["norm_percentiles"][100] > 10
 
 
 def test_parameters_without_grads_and_bad_elements():
@@ -486,3 +502,42 @@ def test_mixed_dtypes_and_policy_objects_are_shareable():
     # Each clipper keeps its own state: the shared policy object holds none.
     assert ca._policy_state["mean"] != cb._policy_state["mean"]
     assert isinstance(policy, ClipPolicy) and "GradClipper(" in repr(ca)
+
+
+# --- a real GPU --------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("policy", [None, AutoClip(history=5), ZClip(warmup=3)],
+                         ids=["fixed", "autoclip", "zclip"])
+@pytest.mark.parametrize("mode", ["propagate", "skip", "zero"])
+def test_cuda_matches_cpu_and_never_syncs(policy, mode):
+    runs = {}
+    for device in ("cpu", "cuda"):
+        params = [p.to(device).detach().requires_grad_() for p in make_params()]
+        clipper = GradClipper(params, max_norm=2.0, policy=policy, nonfinite=mode)
+        out = []
+        for step in range(10):
+            grads = grads_at(step, spikes=(7,), bad=math.nan if step == 4 else None)
+            for p, g in zip(params, grads):
+                p.grad = g.to(device)
+            if device == "cuda" and step >= 2:  # after the first steps (kernel compilation)
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                norm = clipper.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            out.append((norm.cpu(), [p.grad.cpu() for p in params], clipper.threshold.cpu(),
+                        clipper.skipped.cpu()))
+        runs[device] = (out, clipper.summary())
+    for (na, ga, ta, sa), (nb, gb, tb, sb) in zip(runs["cuda"][0], runs["cpu"][0]):
+        # CUDA's norm sums in another order: thresholds and grads agree to float32 rounding.
+        torch.testing.assert_close(na, nb, rtol=1e-6, atol=0, equal_nan=True)
+        torch.testing.assert_close(ta, tb, rtol=1e-6, atol=0, equal_nan=True)
+        assert bool(sa) == bool(sb)
+        for a, b in zip(ga, gb):
+            torch.testing.assert_close(a, b, rtol=2e-6, atol=0, equal_nan=True)
+    assert runs["cuda"][1]["clipped_steps"] == runs["cpu"][1]["clipped_steps"]
+    assert runs["cuda"][1]["nonfinite_steps"] == runs["cpu"][1]["nonfinite_steps"] == 1

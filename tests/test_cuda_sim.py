@@ -43,7 +43,7 @@ def test_simulator_suite():
 
 
 if SIM:
-    from reference import (ALL_DTYPES, assert_bitwise_equal, exact_power_sum, reference_clip_,
+    from reference import (assert_bitwise_equal, exact_power_sum, reference_clip_,
                            reference_coef, tensor_power_sum)
 
     import fastclip
@@ -51,9 +51,9 @@ if SIM:
     from fastclip._table import TensorTable
     from fastclip.kernels import cuda as K
 
-# Elements per chunk here: more than 4 * THREADS, so the kernels' 4-way unrolled loops run, and
-# their tails too; every big tensor below spans several chunks.
-CHUNK = 150
+# Elements per chunk here: enough 16-byte words that threads read two words per round in every
+# dtype, plus single words and partial ones; every big tensor below spans several chunks.
+CHUNK = 300
 
 
 @pytest.fixture(autouse=True)
@@ -69,18 +69,30 @@ def _table(tensors):
     return TensorTable.from_tensors(tensors, [t.dtype for t in tensors])
 
 
+def _misaligned(t: torch.Tensor, offset: int) -> torch.Tensor:
+    """A copy of ``t`` that starts ``offset`` elements into a fresh buffer: dense, read in place,
+    but not 16-byte aligned."""
+    buf = torch.zeros(t.numel() + offset, dtype=t.dtype)
+    view = buf[offset:]
+    view.copy_(t)
+    return view
+
+
 def _mixed_set(many: bool = False):
     """Every dtype, an empty tensor, several chunks per tensor, sizes that are not multiples of
-    THREADS or CHUNK; with ``many``, more tensors than THREADS and an empty one past index
-    THREADS (the finalize's strided loop over tensors)."""
+    THREADS, CHUNK or a word, and a misaligned twin of each big tensor (last). With ``many``,
+    more tensors than THREADS and an empty one past index THREADS (the finalize's loop)."""
     g = torch.Generator().manual_seed(1)
-    sizes = [400, 0, 170, 300, 200] + ([3] * 28 + [0, 5] if many else [5])
-    dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+    f32, f64, f16, bf16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
+    spec = [(700, f32), (0, f32), (470, f64), (650, f16), (610, bf16)]
+    spec += [(3, f32)] * 28 + [(0, f64), (5, f32)] if many else [(5, f32)]
     out = []
-    for i, n in enumerate(sizes):
-        dtype = dtypes[i % len(dtypes)] if i < 5 else torch.float32
+    for i, (n, dtype) in enumerate(spec):
         out.append((torch.randn(n, dtype=torch.float64, generator=g) * (i + 1)).to(dtype))
-    return out
+    return out + [_misaligned(out[i], k) for i, k in ((0, 1), (2, 1), (3, 3), (4, 5))]
+
+
+TWINS = ((0, -4), (2, -3), (3, -2), (4, -1))  # (aligned index, misaligned index) in _mixed_set
 
 
 def _partials(entry):
@@ -89,10 +101,12 @@ def _partials(entry):
 
 
 @needs_sim
-@pytest.mark.parametrize("p", [2.0, math.inf, 3.0])
+@pytest.mark.parametrize("p", [2.0, 1.0, math.inf, 3.0])
 def test_partials_per_tensor_and_total_are_exact(p):
     tensors = _mixed_set(many=p == 2.0)
+    assert all(t.data_ptr() % 16 for t in tensors[-4:])  # the twins really are misaligned
     table = _table(tensors)
+    assert not table.strided
     r = _cuda.power_sums(table, p)
     entry = _cuda.device_table(table)
     assert entry.nc > 2 * entry.grid  # blocks take several chunks each (grid-stride)
@@ -110,6 +124,8 @@ def test_partials_per_tensor_and_total_are_exact(p):
     tol = 0.0 if p == math.inf else 1e-14
     for got, ref in zip(r.per_tensor.tolist(), per_ref):
         assert math.isclose(got, ref, rel_tol=tol, abs_tol=0.0)
+    for a, m in TWINS:  # vector loads and element loads add the same values in the same order
+        assert_bitwise_equal(r.per_tensor[a], r.per_tensor[m])
     assert r.total.dtype == torch.float64 and r.total.dim() == 0
     assert math.isclose(float(r.total), exact_power_sum(tensors, p), rel_tol=tol, abs_tol=0.0)
     assert int(r.nonfinite) == 0
@@ -207,8 +223,9 @@ def test_norm_and_coefficient_are_torchs(kind, p):
 
 @needs_sim
 def test_scale_reads_coefficient_from_device_memory_and_skips_when_ge_1():
-    tensors = [torch.randn(100), torch.randn(70, dtype=torch.float64), torch.randn(60).half(),
-               torch.randn(50).bfloat16()]
+    tensors = [torch.randn(700), torch.randn(470, dtype=torch.float64), torch.randn(650).half(),
+               torch.randn(610).bfloat16()]
+    tensors += [_misaligned(t, 1) for t in tensors]
     before = [t.clone() for t in tensors]
     table = _table(tensors)
     # coef >= 1: every block returns at once. 1.5 would visibly change the grads if applied.

@@ -14,7 +14,6 @@ import math
 import os
 import socket
 import struct
-import sys
 import tempfile
 import time
 import traceback
@@ -45,7 +44,8 @@ SHAPES = [(13, 7), (5,), (3,), (64, 9), (1, 1), (2, 3, 4), (9, 2)]
 def full_grads(seed: int, dtype=torch.float32) -> list[torch.Tensor]:
     """The whole model's grads: identical on every rank for the same seed; varied magnitudes."""
     gen = torch.Generator().manual_seed(seed)
-    return [random_grad(s, dtype, scale=10.0 ** (i % 4 - 2), generator=gen) for i, s in enumerate(SHAPES)]
+    return [random_grad(s, dtype, scale=10.0 ** (i % 4 - 2), generator=gen)
+            for i, s in enumerate(SHAPES)]
 
 
 def shard_of(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
@@ -123,10 +123,14 @@ def check_sharded_plain(rank, world):
             total = fastclip.get_total_norm([shard_of(t, rank, world) for t in full], p, group=group)
             assert_norm_close(total, full, p)
             same_on_all_ranks(total.item())
-    # Negative control: without `group` a rank sees only its own shard.
-    full = full_grads(0)
+    # Negative controls. Without `group` a rank sees only its own shard; and grads that are
+    # identical on every rank (data parallel) must not be given a group: each would count
+    # `world` times.
+    full = full_grads(0, torch.float64)
     local = fastclip.get_total_norm([shard_of(t, rank, world) for t in full])
     assert float(local) < exact_norm(full, 2.0) * (1 - 1e-3)
+    replicated = fastclip.get_total_norm(full, group=dist.group.WORLD)
+    assert math.isclose(float(replicated), math.sqrt(world) * exact_norm(full, 2.0), rel_tol=1e-12)
 
 
 def check_empty_rank(rank, world):
@@ -186,6 +190,15 @@ def check_subgroup_and_membership(rank, world):
             else:
                 raise AssertionError("a non-member rank passing the group got no error")
         assert torch.equal(x, torch.ones(3))
+    # Grads fastclip has no kernel for go to torch, which knows no group: refused, not local.
+    z = torch.ones(3, dtype=torch.complex64)
+    try:
+        fastclip.clip_grad_norm_([param_with_grad(z)], 0.1, group=dist.group.WORLD)
+    except NotImplementedError as err:
+        assert "group=" in str(err), str(err)
+    else:
+        raise AssertionError("complex grads with a group were clipped by the local norm")
+    assert torch.equal(z, torch.ones(3, dtype=torch.complex64))
     # A DeviceMesh is not a group: a TypeError that says what to do.
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -331,6 +344,71 @@ def check_dtensor_2d(rank, world):
         assert_bitwise_equal(g.full_tensor(), t)
 
 
+def check_device_tensor_paths(rank, world):
+    """The branches a CUDA plan takes (0-d float64 tensors, per-tensor sums as a tensor), on CPU."""
+    from fastclip._plan import Plan
+
+    for p in P_VALUES:
+        for bad in (None, math.nan):
+            local = float(rank + 1) if bad is None or rank != 2 else bad
+            out = _distributed.all_reduce_power_sum(torch.tensor(local, dtype=torch.float64), p,
+                                                    dist.group.WORLD, torch.device("cpu"))
+            assert isinstance(out, torch.Tensor) and out.dtype == torch.float64
+            if bad is not None:
+                assert math.isnan(out.item()), f"p={p}: NaN lost ({out.item()})"
+            else:
+                want = float(world) if p == math.inf else float(sum(range(1, world + 1)))
+                assert out.item() == want, (p, out.item(), want)
+    # Buckets from a per-tensor tensor give the same global total as from a numpy array.
+    tensors = [torch.full((3,), float(rank + i + 1)) for i in range(5)]
+    plan = Plan.build(tensors, "t", "tensors")
+    labels = torch.tensor([1, _distributed.EXCLUDED, 0, 1, 2]).numpy()
+    mesh_groups = [[], [dist.group.WORLD], [dist.group.WORLD]]
+    r = _distributed.Reduction(labels, mesh_groups, None)
+    for p in P_VALUES:
+        results = plan.power_sums(p)
+        as_tensor = [x._replace(per_tensor=torch.from_numpy(x.per_tensor)) for x in results]
+        total = plan.combine([x.total for x in results], p)
+        host = _distributed.all_reduce_power_sum(total, p, r, plan.first_device, plan, results)
+        dev = _distributed.all_reduce_power_sum(total, p, r, plan.first_device, plan, as_tensor)
+        assert isinstance(host, float) and isinstance(dev, torch.Tensor)
+        assert dev.item() == host, (p, dev.item(), host)
+        # Bucket 0 is local, buckets 1 and 2 are summed over the ranks; tensor 1 is excluded.
+        per = [3 * (rank + i + 1) ** p if p != math.inf else rank + i + 1 for i in range(5)]
+        if p == math.inf:
+            want = max(per[2], world + 0.0, world + 3.0, world + 4.0)
+        else:
+            want = per[2] + sum(3 * (q + 1) ** p + 3 * (q + 4) ** p + 3 * (q + 5) ** p
+                                for q in range(world))
+        assert math.isclose(host, want, rel_tol=1e-15), (p, host, want)
+
+
+def check_fsdp2(rank, world):
+    """Real FSDP2 (fully_shard) grads on a CPU mesh: the whole model's norm, one all-reduce."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(9, 13), torch.nn.Tanh(), torch.nn.Linear(13, 3))
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    gen = torch.Generator().manual_seed(rank)
+    model(torch.randn(5, 9, generator=gen)).pow(2).sum().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(type(g).__name__ == "DTensor" for g in grads)
+    full = [g.full_tensor() for g in grads]
+    before = [g.to_local().clone() for g in grads]
+    for p in (2.0, math.inf):
+        norm, coef = check_clip(list(model.parameters()), full, p, exact_norm(full, p) / 4,
+                                expect_collectives=1)
+        for g, b in zip(grads, before):
+            assert_bitwise_equal(g.to_local(), b * coef)
+        full = [g.full_tensor() for g in grads]
+        before = [g.to_local().clone() for g in grads]
+
+
 def check_scale(rank, world):
     """2000 DTensor grads cost about 4x 500 (linear), with one all-reduce and per-mesh lookups."""
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -367,7 +445,8 @@ def check_scale(rank, world):
             finally:
                 DeviceMesh.get_coordinate = orig_coord
             assert c.count == 1, f"{c.count} all-reduces for {n} tensors"
-            assert calls["coord"] <= 2 * len(placements), f"{calls['coord']} mesh lookups for {n} tensors"
+            assert calls["coord"] <= 2 * len(placements), \
+                f"{calls['coord']} mesh lookups for {n} tensors"
         times[n] = best
     ratio = times[2000] / times[500]
     # Linear work gives ~4 (less with fixed costs); quadratic would give ~16.
@@ -376,7 +455,7 @@ def check_scale(rank, world):
 
 
 CHECKS = [check_sharded_plain, check_empty_rank, check_subgroup_and_membership, check_dtensor_1d,
-          check_dtensor_2d, check_scale]
+          check_dtensor_2d, check_device_tensor_paths, check_fsdp2, check_scale]
 
 
 def _worker(rank: int, world: int, port: int, outdir: str) -> None:
@@ -456,6 +535,14 @@ def test_dtensor_2d_mesh(rank_results):
     _assert_check(rank_results, check_dtensor_2d)
 
 
+def test_device_tensor_branches(rank_results):
+    _assert_check(rank_results, check_device_tensor_paths)
+
+
+def test_fsdp2_grads(rank_results):
+    _assert_check(rank_results, check_fsdp2)
+
+
 def test_dtensor_scale_is_linear(rank_results):
     infos = _assert_check(rank_results, check_scale)
     print("clip time, 500 vs 2000 DTensor grads, per rank:", infos)
@@ -467,7 +554,8 @@ def test_dtensor_scale_is_linear(rank_results):
 @pytest.mark.parametrize("bad", ["world", 3, 1.5, object()])
 def test_group_of_wrong_type_is_a_type_error(bad):
     g = torch.ones(3)
-    with pytest.raises(TypeError, match=r"clip_grad_norm_: `group` must be a torch\.distributed\.ProcessGroup"):
+    expected = r"clip_grad_norm_: `group` must be a torch\.distributed\.ProcessGroup or None"
+    with pytest.raises(TypeError, match=expected):
         fastclip.clip_grad_norm_([param_with_grad(g)], 0.1, group=bad)
     with pytest.raises(TypeError, match=r"get_total_norm: `group`"):
         fastclip.get_total_norm([g], group=bad)

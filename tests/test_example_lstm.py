@@ -49,7 +49,8 @@ def test_both_runs_start_from_the_same_point(quick_run):
     u, c = quick_run["unclipped"], quick_run["clipped"]
     assert u.step_loss[0] == c.step_loss[0]
     assert u.step_norm[0] == c.step_norm[0]
-    assert len(u.step_loss) == len(c.step_loss) == 8 * len(u.step_loss) // len(u.epochs)
+    assert len(u.epochs) == len(c.epochs) == 8  # --quick, and neither run stopped on NaN
+    assert len(u.step_loss) == len(c.step_loss)
     # the first loss of an untrained model is about ln(vocabulary size)
     assert u.step_loss[0] == pytest.approx(math.log(61), rel=0.05)
 

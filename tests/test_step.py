@@ -272,3 +272,64 @@ def test_cuda_fused_path_never_syncs():
         fastclip.clip_and_step(opt, 1.0, scaler=scaler)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.fixture
+def single_rank_mesh(tmp_path):
+    """A one-rank gloo group and a 1-D CPU mesh, torn down afterwards."""
+    dist = pytest.importorskip("torch.distributed")
+    if not (dist.is_available() and dist.is_gloo_available()) or dist.is_initialized():
+        pytest.skip("needs torch.distributed with gloo, not yet initialized")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dtensor_grads(single_rank_mesh, monkeypatch):
+    """FSDP2-style DTensor params and grads: the local shards are read, the power sum goes
+    through the ranks' all-reduce, and the results equal those of plain tensors."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(6, 4, generator=g), torch.randn(5, generator=g)]
+    grads = [torch.randn(6, 4, generator=g) * 2.0 ** 16, torch.randn(5, generator=g) * 2.0 ** 16]
+
+    def run(as_dtensor, fused, bad=False):
+        params = []
+        for w, gr in zip(weights, grads):
+            gr = gr.clone()
+            if bad:
+                gr[1] = math.inf
+            if as_dtensor:
+                w, gr = (distribute_tensor(t, single_rank_mesh, [Shard(0)]) for t in (w.clone(), gr))
+            q = torch.nn.Parameter(w.clone())
+            q.grad = gr
+            params.append(q)
+        opt = torch.optim.Adam(params, lr=0.1, fused=fused)
+        scaler = torch.amp.GradScaler("cpu")
+        scaler.scale(torch.zeros(()))
+        norm = fastclip.clip_and_step(opt, 1.0, scaler=scaler)
+        found = dict(scaler._per_optimizer_states[id(opt)]["found_inf_per_device"])
+        scaler.update()
+        full = [q.detach().full_tensor() if as_dtensor else q.detach() for q in params]
+        return norm, full, found, scaler._scale
+
+    dist = torch.distributed
+    all_reduce, calls = dist.all_reduce, []
+    monkeypatch.setattr(dist, "all_reduce", lambda *a, **k: (calls.append(1), all_reduce(*a, **k))[1])
+    for fused in (False, True):
+        calls.clear()
+        (n_dt, p_dt, _, s_dt) = run(True, fused)
+        assert len(calls) == 1  # the power sum crossed the ranks, once
+        (n_pl, p_pl, _, s_pl) = run(False, fused)
+        assert len(calls) == 1  # plain tensors: no collective
+        assert torch.equal(n_dt, n_pl) and torch.equal(s_dt, s_pl)
+        for a, b in zip(p_dt, p_pl):
+            assert torch.equal(a, b)
+    norm, params, found, scale = run(True, True, bad=True)
+    assert float(norm) == math.inf and float(found[torch.device("cpu")]) == 1.0
+    assert float(scale) == 2.0 ** 15 and torch.equal(params[0], weights[0])  # skipped, backed off

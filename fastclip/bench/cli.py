@@ -61,16 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the grads live (default cpu)")
     p.add_argument("--step", choices=["clipping", "non-clipping", "both"], default="both",
                    help="a clipping step (max_norm = 0.1 x norm), a non-clipping one (10 x norm), or both")
-    p.add_argument("--repeat", type=_count(1), default=DEFAULT_REPEAT,
+    p.add_argument("--repeat", type=_count(1), default=DEFAULT_REPEAT, metavar="N",
                    help=f"timed calls per operation; the median is reported (default {DEFAULT_REPEAT})")
-    p.add_argument("--warmup", type=_count(0), default=DEFAULT_WARMUP,
+    p.add_argument("--warmup", type=_count(0), default=DEFAULT_WARMUP, metavar="N",
                    help=f"untimed calls first (default {DEFAULT_WARMUP})")
     p.add_argument("--json", metavar="PATH", help="write every figure to PATH as JSON")
     p.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of the speedups (needs matplotlib)")
     p.add_argument("--allow-large", action="store_true",
                    help="allow gpt2-xl on the CPU (about 12.5 GB of memory in float32)")
-    p.add_argument("--seed", type=_count(0), default=0, help="seed of the grads' values (default 0)")
-    p.add_argument("--cold-start-runs", type=_count(0), default=3,
+    p.add_argument("--seed", type=_count(0), default=0, metavar="N", help="seed of the grads' values (default 0)")
+    p.add_argument("--cold-start-runs", type=_count(0), default=3, metavar="N",
                    help="fresh processes timing import + first clip; 0 skips it (default 3)")
     p.add_argument("--no-cold-start", action="store_true", help="skip the cold-start measurement")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -146,9 +146,21 @@ def to_json(results: Sequence[SetResult], cold: Optional[ColdStart], config: dic
     }
 
 
+def _strict(value):
+    """NaN and inf are not JSON: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
 def write_json(path: str, data: dict) -> None:
+    """Write ``data`` as strict JSON (non-finite numbers become null)."""
     with open(path, "w") as f:
-        json.dump(data, f, indent=2, allow_nan=True)
+        json.dump(_strict(data), f, indent=2, allow_nan=False)
         f.write("\n")
 
 

@@ -1,0 +1,300 @@
+#!/usr/bin/env python3
+"""fastclip vs ``torch.nn.utils.clip_grad_norm_(foreach=True)`` on one CUDA GPU, in one call.
+
+Measures, in the same run:
+
+- GPU time per call (CUDA events, median of several repeats) of a clipping step and of a
+  non-clipping step, on GPT-2 124M, a GPT-2 XL 1.5B set (d=1600, 48 layers, vocab 50257) in
+  float32 and bfloat16, and 2000 small tensors; plus ``get_total_norm``;
+- the bandwidth of a device copy (read + write bytes / time), and the read bandwidth of
+  fastclip's norm pass (the non-clipping step reads every grad once and writes nothing);
+- host-side time per call for 150 tensors (Python and launches; the GPU is idle meanwhile);
+- each set's norm against an exact float64 reference, for fastclip and for torch.
+
+Prints a table and writes everything to JSON (``--out``). The targets of issue 3 (H100) are
+printed next to the figures: non-clipping step >= 2.5x faster than torch, clipping step >= 1.1x,
+norm pass >= 85% of the copy bandwidth, host overhead <= 60 us for 150 tensors.
+
+Usage::
+
+    python3 benchmarks/bench_cuda.py --out benchmarks/results/cuda-$(date +%F).json
+    python3 benchmarks/bench_cuda.py --sets gpt2-124m,many-small --reps 3   # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import fastclip  # noqa: E402
+from fastclip.clip_grad import TORCH_CLIP_GRAD_NORM, TORCH_GET_TOTAL_NORM  # noqa: E402
+
+TARGETS = {"no_clip_speedup": 2.5, "clip_speedup": 1.1, "norm_vs_copy": 0.85, "host_us": 60.0}
+
+
+# --- gradient sets ------------------------------------------------------------------------------
+
+
+def gpt2_shapes(d: int = 768, layers: int = 12, vocab: int = 50257, ctx: int = 1024) -> list:
+    """GPT-2's parameter shapes in Hugging Face's order (LM head tied to wte)."""
+    h = 4 * d
+    shapes = [(vocab, d), (ctx, d)]
+    for _ in range(layers):
+        shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,), (d, h), (h,), (h, d), (d,)]
+    return shapes + [(d,), (d,)]
+
+
+def many_small_shapes(n: int = 2000, low: int = 64, high: int = 65536, seed: int = 0) -> list:
+    g = torch.Generator().manual_seed(seed)
+    logs = torch.empty(n, dtype=torch.float64).uniform_(math.log(low), math.log(high), generator=g)
+    return [(int(v),) for v in logs.exp().round().clamp(low, high).tolist()]
+
+
+SETS = {
+    "gpt2-124m": (gpt2_shapes, torch.float32),
+    "gpt2-124m-bf16": (gpt2_shapes, torch.bfloat16),
+    "gpt2-xl-1.5b": (lambda: gpt2_shapes(1600, 48), torch.float32),
+    "gpt2-xl-1.5b-bf16": (lambda: gpt2_shapes(1600, 48), torch.bfloat16),
+    "many-small": (many_small_shapes, torch.float32),
+}
+DEFAULT_SETS = "gpt2-124m,gpt2-xl-1.5b,gpt2-xl-1.5b-bf16,many-small"
+
+
+def make_set(name: str, device) -> tuple:
+    """(params, grads): each param is a zero-storage placeholder (a 0-d tensor expanded to the
+    shape) carrying a real, separately allocated ``.grad``, as a model's parameters do."""
+    shapes_fn, dtype = SETS[name]
+    params, grads = [], []
+    for i, shape in enumerate(shapes_fn()):
+        g = torch.Generator(device=device).manual_seed(i)
+        grad = (torch.randn(shape, device=device, generator=g) * 1e-3).to(dtype)
+        p = torch.zeros((), dtype=dtype, device=device).expand(shape)
+        p.grad = grad
+        params.append(p)
+        grads.append(grad)
+    return params, grads
+
+
+def _placeholders(grads: list) -> tuple:
+    params = []
+    for g in grads:
+        p = torch.zeros((), dtype=g.dtype, device=g.device).expand(g.shape)
+        p.grad = g
+        params.append(p)
+    return params, grads
+
+
+def exact_norm(grads) -> float:
+    """2-norm from float64 per-tensor sums (on the GPU, then math.fsum)."""
+    return math.sqrt(math.fsum(float(g.double().square().sum()) for g in grads))
+
+
+# --- timing ---------------------------------------------------------------------------------------
+
+
+def gpu_ms(fn, reps: int, target_ms: float = 40.0) -> float:
+    """Median GPU milliseconds per call, from CUDA events around a batch of calls."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    one = max(start.elapsed_time(end), 1e-3)
+    iters = max(1, min(200, int(target_ms / one)))
+    times = []
+    for _ in range(reps):
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / iters)
+    return statistics.median(times)
+
+
+def host_us(fn, calls: int = 300) -> float:
+    """Median host microseconds per call (no synchronization inside the loop)."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    laps = []
+    for _ in range(calls):
+        t = time.perf_counter()
+        fn()
+        laps.append(time.perf_counter() - t)
+    torch.cuda.synchronize()
+    return statistics.median(laps) * 1e6
+
+
+def copy_gbps(nbytes: int, reps: int) -> float:
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = gpu_ms(lambda: dst.copy_(src), reps)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+# --- the run ----------------------------------------------------------------------------------------
+
+
+def run(args) -> dict:
+    from fastclip import _cuda
+    from fastclip.kernels import cuda as K
+
+    dev = torch.device("cuda", torch.cuda.current_device())
+    props = torch.cuda.get_device_properties(dev)
+    import numba
+
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "gpu": props.name, "cc": f"{props.major}.{props.minor}", "sms": props.multi_processor_count,
+        "memory_gib": round(props.total_memory / 2**30, 1), "torch": torch.__version__,
+        "cuda": torch.version.cuda, "numba": numba.__version__,
+        "numba_cuda": getattr(sys.modules.get("numba_cuda"), "__version__", None) or _version("numba-cuda"),
+        "python": platform.python_version(), "fastclip_cuda_available": _cuda.is_available(),
+        "threads_per_block": K.THREADS, "chunk_size": _cuda.CHUNK_SIZE,
+    }
+    if not meta["fastclip_cuda_available"]:
+        raise SystemExit("fastclip's CUDA backend is not available here (numba-cuda / driver)")
+
+    # First call: compile (or load numba's disk cache) and load every kernel.
+    tiny, _ = _placeholders([torch.randn(100, device=dev)])
+    t = time.perf_counter()
+    fastclip.clip_grad_norm_(tiny, 1e-3)
+    fastclip.clip_grad_value_(tiny, 1.0)
+    torch.cuda.synchronize()
+    meta["first_call_s"] = round(time.perf_counter() - t, 2)
+    meta["launch_path"] = _cuda.launch_path()
+    meta["blocks_per_sm"] = _cuda._power_sums.prepare(dev.index)["blocks_per_sm"]
+    print(f"# {meta['gpu']} (cc {meta['cc']}, {meta['sms']} SMs), torch {meta['torch']}, "
+          f"numba-cuda {meta['numba_cuda']}, launch path {meta['launch_path']}, "
+          f"first call {meta['first_call_s']} s", flush=True)
+
+    copy = copy_gbps(1 << 30, args.reps)
+    print(f"# device copy: {copy:.0f} GB/s (read + write)", flush=True)
+
+    rows = []
+    for name in args.sets.split(","):
+        rows.append(measure_set(name, dev, args.reps, copy))
+        print(_row_text(rows[-1]), flush=True)
+        torch.cuda.empty_cache()
+
+    host = host_overhead(dev)
+    return {"meta": meta, "copy_gbps": copy, "sets": rows, "host": host, "targets": TARGETS}
+
+
+def measure_set(name: str, dev, reps: int, copy: float) -> dict:
+    params, grads = make_set(name, dev)
+    nbytes = sum(g.numel() * g.element_size() for g in grads)
+    exact = exact_norm(grads)
+    ours = float(fastclip.get_total_norm(grads))
+    theirs = float(TORCH_GET_TOTAL_NORM(grads, 2.0, False, True))
+    row = {"set": name, "tensors": len(grads), "numel": sum(g.numel() for g in grads),
+           "dtype": str(grads[0].dtype).replace("torch.", ""), "bytes": nbytes,
+           "norm_rel_err_fastclip": abs(ours - exact) / exact,
+           "norm_rel_err_torch": abs(theirs - exact) / exact}
+    timings = {
+        "no_clip_fastclip_ms": lambda: fastclip.clip_grad_norm_(params, 1e30),
+        "no_clip_torch_ms": lambda: TORCH_CLIP_GRAD_NORM(params, 1e30, 2.0, False, True),
+        # max_norm 1e-2: the first call scales by ~1e-4, every later one by ~0.9999 < 1, so
+        # every timed call is a clipping step.
+        "clip_fastclip_ms": lambda: fastclip.clip_grad_norm_(params, 1e-2),
+        "clip_torch_ms": lambda: TORCH_CLIP_GRAD_NORM(params, 1e-2, 2.0, False, True),
+        "get_total_norm_fastclip_ms": lambda: fastclip.get_total_norm(grads),
+        "get_total_norm_torch_ms": lambda: TORCH_GET_TOTAL_NORM(grads, 2.0, False, True),
+    }
+    for key, fn in timings.items():
+        row[key] = gpu_ms(fn, reps)
+    row["no_clip_speedup"] = row["no_clip_torch_ms"] / row["no_clip_fastclip_ms"]
+    row["clip_speedup"] = row["clip_torch_ms"] / row["clip_fastclip_ms"]
+    row["norm_read_gbps"] = nbytes / (row["no_clip_fastclip_ms"] * 1e-3) / 1e9
+    row["norm_vs_copy"] = row["norm_read_gbps"] / copy
+    return row
+
+
+def host_overhead(dev) -> dict:
+    """Host time per call for 150 tensors of 4096 float32 (GPU work is a few microseconds)."""
+    from fastclip import _cuda, _plan
+    from fastclip._table import TensorTable
+
+    params, grads = _placeholders([torch.randn(4096, device=dev) * 1e-3 for _ in range(150)])
+    table = TensorTable.from_tensors(grads, [g.dtype for g in grads])
+    out = {
+        "clip_fastclip_us": host_us(lambda: fastclip.clip_grad_norm_(params, 1e-2)),
+        "no_clip_fastclip_us": host_us(lambda: fastclip.clip_grad_norm_(params, 1e30)),
+        "get_total_norm_fastclip_us": host_us(lambda: fastclip.get_total_norm(grads)),
+        "clip_torch_us": host_us(lambda: TORCH_CLIP_GRAD_NORM(params, 1e-2, 2.0, False, True)),
+        # Parts of fastclip's call: building the plan (validation + table), and the backend
+        # alone on a built table (cache lookup + two launches).
+        "plan_build_us": host_us(lambda: _plan.Plan.build(grads, "clip_grad_norm_", "parameters")),
+        "backend_only_us": host_us(lambda: _cuda.fused_clip_(table, 2.0, 1e-2, torch.float32)),
+    }
+    print("# host time per call, 150 tensors: " + ", ".join(f"{k} {v:.1f}" for k, v in out.items()),
+          flush=True)
+    return out
+
+
+def _version(dist: str):
+    try:
+        from importlib.metadata import version
+
+        return version(dist)
+    except Exception:
+        return None
+
+
+def _row_text(r: dict) -> str:
+    return (f"{r['set']:<18} {r['dtype']:<8} {r['tensors']:>5} {r['numel'] / 1e6:>8.1f}M | "
+            f"no-clip {r['no_clip_fastclip_ms']:.3f} vs {r['no_clip_torch_ms']:.3f} ms "
+            f"({r['no_clip_speedup']:.2f}x) | clip {r['clip_fastclip_ms']:.3f} vs "
+            f"{r['clip_torch_ms']:.3f} ms ({r['clip_speedup']:.2f}x) | norm pass "
+            f"{r['norm_read_gbps']:.0f} GB/s = {100 * r['norm_vs_copy']:.0f}% of copy | rel err "
+            f"{r['norm_rel_err_fastclip']:.1e} (torch {r['norm_rel_err_torch']:.1e})")
+
+
+def print_summary(result: dict) -> None:
+    t = result["targets"]
+    print("\n## Summary against issue 3's targets (set on an H100)")
+    print(f"{'set':<18} {'no-clip x':>9} {'clip x':>7} {'norm/copy':>9}")
+    for r in result["sets"]:
+        print(f"{r['set']:<18} {r['no_clip_speedup']:>9.2f} {r['clip_speedup']:>7.2f} "
+              f"{100 * r['norm_vs_copy']:>8.0f}%")
+    h = result["host"]
+    print(f"targets: no-clip >= {t['no_clip_speedup']}x, clip >= {t['clip_speedup']}x, "
+          f"norm >= {100 * t['norm_vs_copy']:.0f}% of copy, host <= {t['host_us']:.0f} us "
+          f"(measured {h['clip_fastclip_us']:.1f} us clip, {h['no_clip_fastclip_us']:.1f} us no-clip)")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sets", default=DEFAULT_SETS, help=f"comma-separated, from {', '.join(SETS)}")
+    ap.add_argument("--reps", type=int, default=5, help="timed repeats per figure (median)")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_cuda: no CUDA GPU visible to torch", file=sys.stderr)
+        return 2
+    result = run(args)
+    print_summary(result)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"# wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
