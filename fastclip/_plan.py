@@ -8,6 +8,7 @@ dtypes are not handled here: ``Plan.build`` returns None and the caller defers t
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -16,6 +17,10 @@ import torch
 from fastclip import _cpu
 from fastclip import _validate as V
 from fastclip._table import DTYPE_CODES, TensorTable
+
+
+_DEVICE = operator.attrgetter("device")
+_DTYPE = operator.attrgetter("dtype")
 
 
 def _backend_for(device: torch.device):
@@ -81,9 +86,9 @@ class Plan:
         if not tensors:  # a rank with no local grads still joins the all-reduce (it adds 0)
             return cls([], 0, torch.device("cpu"), torch.float32)
         try:
-            devices = [t.device for t in tensors]
-            dtypes = [t.dtype for t in tensors]
-            if not all([d in DTYPE_CODES for d in dtypes]):
+            devices = list(map(_DEVICE, tensors))
+            dtypes = list(map(_DTYPE, tensors))
+            if not set(dtypes) <= DTYPE_CODES.keys():
                 V.check_tensors(tensors, fn, arg)
                 return None  # complex: no kernel
             first = devices[0]

@@ -42,10 +42,15 @@ def _check_finite(norm: torch.Tensor, norm_type: float) -> None:
 def clip_coefficient(max_norm: Union[float, torch.Tensor], total_norm: torch.Tensor) -> torch.Tensor:
     """torch's coefficient ``min(max_norm / (total_norm + 1e-6), 1)``, by torch's own ops.
 
-    Using the same tensor ops (in the norm's dtype, on its device) keeps the coefficient bit-for-bit
-    torch's, and never syncs with a device: the backends read it where it lives.
+    torch computes ``float(max_norm) / (total_norm + 1e-6)``, and Python's ``float / tensor`` is
+    ``reciprocal() * float``: the same ops in the same order (in the norm's dtype, on its device)
+    give the same bits, and a device-resident ``max_norm`` never syncs. The backends read the
+    result where it lives.
     """
-    return torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    inverse = (total_norm + 1e-6).reciprocal()
+    if isinstance(max_norm, torch.Tensor):
+        max_norm = max_norm.to(device=inverse.device, dtype=inverse.dtype)
+    return torch.clamp(inverse * max_norm, max=1.0)
 
 
 @torch.no_grad()
@@ -184,6 +189,10 @@ def clip_grad_norm_(
     p = V.check_norm_type(norm_type, fn)
     V.check_flag(error_if_nonfinite, fn, "error_if_nonfinite")
     V.check_flag(foreach, fn, "foreach", allow_none=True)
+    if stats is not None:
+        if not isinstance(stats, ClipStats):
+            raise TypeError(f"{fn}: `stats` must be a fastclip.ClipStats or None, got {type(stats).__name__}")
+        stats.reset()  # a call that cannot fill it (no grads, torch fallback) leaves it empty
     grads = V.grads_of(parameters, fn)
     grads, group = _distributed.resolve(grads, group, fn)
     if not grads and group is None:

@@ -16,7 +16,10 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from .startup import defer_blas_check
 from .layout import BFLOAT16, FLOAT16, FLOAT32, FLOAT64, NORM_INF, NORM_L1, NORM_L2
+
+defer_blas_check()
 
 # Reassociation lets LLVM split float64 reductions over vector lanes (a fixed order, so still
 # deterministic); 'contract' allows FMA. No 'nnan'/'ninf': NaN and inf must survive.
