@@ -19,7 +19,7 @@ from fastclip.kernels import cpu as K
 from fastclip.kernels.layout import ChunkTable, build_chunk_table, norm_kind
 
 # Below this many elements one thread finishes before the others would have woken up.
-PARALLEL_MIN_ELEMENTS = 1 << 18
+PARALLEL_MIN_ELEMENTS = 1 << 21
 
 # numba's workqueue threading layer aborts when entered from two threads at once
 # (numba #8563): serialize our parallel regions.

@@ -31,8 +31,9 @@ NORM_L1 = 1
 NORM_INF = 2
 NORM_POWER = 3
 
-# 64K elements: large enough that a chunk's loop runs at memory speed, small enough that
-# a 2000-tensor model still splits evenly over threads (measured in benchmarks/README.md).
+# 64K elements: large enough that a chunk's loop runs at memory speed, small enough that the
+# CUDA path gets thousands of chunks to spread over blocks. On the 2-core CPU, chunk sizes from
+# 16K to 1M gave norm passes within run-to-run noise of each other (benchmarks/README.md).
 DEFAULT_CHUNK_SIZE = 1 << 16
 
 
