@@ -11,44 +11,18 @@ and the copy is ``torch._foreach_copy_``.
 
 from __future__ import annotations
 
-import contextlib
-
-import numba
 import numpy as np
 import torch
 from numba import njit, prange, types
-from numba.extending import intrinsic
+
+from fastclip._cpu import _numba_threads
+from fastclip.kernels.cpu import _pointer_intrinsic
 
 WORDS_PER_CHUNK = 1 << 15  # 256 KiB of uint64 words per parallel work item
 
 
-@contextlib.contextmanager
-def _same_threads_as_torch():
-    """Run numba on torch's thread count, and leave torch's count as it was (numba #9387)."""
-    torch_threads = torch.get_num_threads()
-    numba.set_num_threads(max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS)))
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != torch_threads:
-            torch.set_num_threads(torch_threads)
-
-
-def _pointer(element):
-    @intrinsic
-    def as_pointer(typingctx, addr):
-        sig = types.CPointer(element)(types.int64)
-
-        def codegen(context, builder, signature, args):
-            return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
-
-        return sig, codegen
-
-    return as_pointer
-
-
-_u64_ptr = _pointer(types.uint64)
-_u8_ptr = _pointer(types.uint8)
+_u64_ptr = _pointer_intrinsic(types.uint64)
+_u8_ptr = _pointer_intrinsic(types.uint8)
 
 
 @njit(parallel=True, nogil=True, cache=True, boundscheck=False)
@@ -128,7 +102,7 @@ class ReadLoop(_Words):
         self.partials = np.zeros(len(self.chunk_tensor), dtype=np.uint64)
 
     def __call__(self) -> int:
-        with _same_threads_as_torch():
+        with _numba_threads():
             _read_words(self.addrs, self.chunk_tensor, self.chunk_start, self.chunk_stop, self.partials)
         # Returning the sum keeps the loads observable, so they cannot be optimized away.
         return int(self.partials.sum(dtype=np.uint64)) + int(_read_tails(self.tail_addrs, self.tail_bytes))
@@ -154,7 +128,7 @@ class CopyLoop(_Words):
         self._keep_src = src
 
     def __call__(self) -> None:
-        with _same_threads_as_torch():
+        with _numba_threads():
             _copy_words(self.addrs, self.src_addrs, self.chunk_tensor, self.chunk_start, self.chunk_stop)
         _copy_tails(self.tail_addrs, self.src_tail_addrs, self.tail_bytes)
 
