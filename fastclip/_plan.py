@@ -163,11 +163,12 @@ class Plan:
             stats._record_pass(self, results, norm, p)
         return norm
 
-    def scale_(self, coef: torch.Tensor) -> None:
-        """Multiply every tensor by the 0-d ``coef``; the backends skip the pass when coef >= 1."""
+    def scale_(self, coef: Union[float, torch.Tensor]) -> None:
+        """Multiply every tensor by ``coef`` (a 0-d tensor, or a float for a host-only plan);
+        the backends skip the pass when coef >= 1."""
         for s in self.sets:
             if s.device.type == "cpu":
-                s.backend.scale_(s.table, coef.item())
+                s.backend.scale_(s.table, coef if isinstance(coef, float) else coef.item())
             else:
                 s.backend.scale_(s.table, coef.to(s.device, non_blocking=True))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from typing import Optional, Union
 
+import numpy as np
 import torch
 import torch.nn.utils.clip_grad as _torch_clip
 
@@ -51,6 +52,21 @@ def clip_coefficient(max_norm: Union[float, torch.Tensor], total_norm: torch.Ten
     if isinstance(max_norm, torch.Tensor):
         max_norm = max_norm.to(device=inverse.device, dtype=inverse.dtype)
     return torch.clamp(inverse * max_norm, max=1.0)
+
+
+_HOST_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def host_clip_coefficient(max_norm: float, total_norm: float, dtype: torch.dtype) -> float:
+    """``clip_coefficient`` for a norm already on the host, in numpy scalars of ``dtype``.
+
+    The same IEEE operations in the same order (add, reciprocal, multiply, clamp; NaN kept), so
+    the same bits, without four torch dispatches on a CPU call's critical path.
+    """
+    f = _HOST_DTYPES[dtype]
+    with np.errstate(all="ignore"):
+        coef = (f(1.0) / (f(total_norm) + f(1e-6))) * f(max_norm)
+    return 1.0 if coef > 1.0 else float(coef)
 
 
 @torch.no_grad()
@@ -208,6 +224,9 @@ def clip_grad_norm_(
     norm = plan.total_norm(p, group=group, stats=stats)
     if error_if_nonfinite:
         _check_finite(norm, p)
+    if stats is None and plan.host_only and isinstance(max_norm, float):
+        plan.scale_(host_clip_coefficient(max_norm, norm.item(), norm.dtype))
+        return norm
     coef = clip_coefficient(max_norm, norm)
     if stats is not None:
         stats._record_coef(coef)

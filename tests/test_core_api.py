@@ -494,3 +494,32 @@ def test_small_grads_unchanged(norm_type):
     norm = fastclip.clip_grad_norm_(params, max_norm, norm_type)
     assert norm.item() < max_norm
     assert_grads_bitwise(params, grads)
+
+
+def test_host_coefficient_is_torchs():
+    # The CPU fast path computes the coefficient in numpy scalars; it must equal torch's ops bit
+    # for bit, NaN and inf included, for both norm dtypes.
+    from fastclip.clip_grad import host_clip_coefficient
+
+    totals = [0.0, 1e-7, 1e-6, 0.999999, 1.0, 1.0000001, 3.3, 12345.678, 1e30, 3.4e38, 1e300,
+              float("inf"), float("nan")]
+    totals += [float(x) for x in torch.rand(200, dtype=torch.float64) * 10]
+    max_norms = [0.0, 1e-8, 0.25, 1.0, 2.5, 7.77, 1e6, float("inf")]
+    for dtype in (torch.float32, torch.float64):
+        for total in totals:
+            t = torch.tensor(total, dtype=dtype)
+            for max_norm in max_norms:
+                expected = clip_coefficient(max_norm, t)
+                got = torch.tensor(host_clip_coefficient(max_norm, t.item(), dtype), dtype=dtype)
+                assert_bitwise_equal(got, expected)
+
+
+def test_host_coefficient_negative_control():
+    # A plain true division (not torch's reciprocal-then-multiply) differs somewhere: the test
+    # above can fail.
+    differs = 0
+    for x in torch.rand(2000, dtype=torch.float64) * 10:
+        t = torch.tensor(float(x), dtype=torch.float32)
+        true_div = torch.tensor(0.3, dtype=torch.float32) / (t + 1e-6)
+        differs += not torch.equal(true_div, clip_coefficient(0.3, t))
+    assert differs > 0
