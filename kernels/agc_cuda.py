@@ -17,126 +17,37 @@ once otherwise: ``GradClipper(nonfinite="zero")`` uses it to zero non-finite gra
 the flag back to the host.
 
 Everything runs unchanged in numba's simulator (``NUMBA_ENABLE_CUDASIM=1``), where intrinsics do
-not exist: the few device primitives (address -> pointer, 16-bit decode/encode) are swapped for
-numpy equivalents at import. The host-side drivers (``run_agc``, ``run_zero_if``) take the
+not exist: the few device primitives (address -> pointer, 16-bit decode/encode) come from
+``cuda.py``, which swaps them for numpy equivalents at import. The host-side drivers (``run_agc``, ``run_zero_if``) take the
 device-array maker and the stream as arguments, so tests drive them with numpy arrays.
 """
 
 from __future__ import annotations
 
-import ctypes
 import math
 
 import numpy as np
 from numba import cuda, types
 
 from .agc import GRAD_NORM_FLOOR, build_agc_chunks
+# The device primitives (address -> global pointer, 16-bit decode/encode) and their simulator
+# stand-ins are the sum-of-powers kernels' own: one swap at import serves both modules.
+from .cuda import (
+    SIMULATOR,
+    _device,
+    as_f32,
+    as_f64,
+    as_u16,
+    bf16_to_f32,
+    f32_to_bf16,
+    f32_to_half,
+    half_to_f32,
+)
 from .layout import DEFAULT_CHUNK_SIZE, FLOAT16, FLOAT32, FLOAT64, build_chunk_table
 
-SIMULATOR = bool(cuda.config.ENABLE_CUDASIM)
 # Threads per block (a power of two; every reduction tree assumes it). The simulator runs each
 # thread as a Python thread, so it gets small blocks: the logic is the same for any power of two.
 BLOCK = 32 if SIMULATOR else 256
-
-# --- device primitives -----------------------------------------------------------------------
-
-if SIMULATOR:
-    _SPAN = 1 << 31  # a view's nominal length: the kernels index within their tensors only
-
-    def _view(ctype):
-        array_type = ctype * _SPAN
-        return lambda addr: np.ctypeslib.as_array(array_type.from_address(int(addr)))
-
-    f32_ptr = _view(ctypes.c_float)
-    f64_ptr = _view(ctypes.c_double)
-    u16_ptr = _view(ctypes.c_uint16)
-
-    def half_to_f32(bits):
-        return np.float32(np.uint16(bits).view(np.float16))
-
-    def f32_to_half(value):
-        return np.float32(value).astype(np.float16).view(np.uint16)
-
-    def u32_as_f32(bits):
-        return np.uint32(bits).view(np.float32)
-
-    def f32_as_u32(value):
-        return np.float32(value).view(np.uint32)
-
-    _device = lambda fn: fn  # noqa: E731  (plain Python functions run in the simulator)
-else:
-    from llvmlite import ir
-    from numba.cuda.extending import intrinsic
-
-    def _pointer(element):
-        @intrinsic
-        def as_pointer(typingctx, addr):
-            sig = types.CPointer(element)(types.int64)
-
-            def codegen(context, builder, signature, args):
-                return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
-
-            return sig, codegen
-
-        return as_pointer
-
-    f32_ptr = _pointer(types.float32)
-    f64_ptr = _pointer(types.float64)
-    u16_ptr = _pointer(types.uint16)
-
-    @intrinsic
-    def half_to_f32(typingctx, bits):
-        sig = types.float32(types.uint16)
-
-        def codegen(context, builder, signature, args):
-            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-
-        return sig, codegen
-
-    @intrinsic
-    def f32_to_half(typingctx, value):
-        # fptrunc rounds to nearest even (cvt.rn.f16.f32), like torch's float -> half.
-        sig = types.uint16(types.float32)
-
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
-
-        return sig, codegen
-
-    @intrinsic
-    def u32_as_f32(typingctx, bits):
-        sig = types.float32(types.uint32)
-
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], ir.FloatType())
-
-        return sig, codegen
-
-    @intrinsic
-    def f32_as_u32(typingctx, value):
-        sig = types.uint32(types.float32)
-
-        def codegen(context, builder, signature, args):
-            return builder.bitcast(args[0], ir.IntType(32))
-
-        return sig, codegen
-
-    _device = cuda.jit(device=True)
-
-
-@_device
-def bf16_to_f32(bits):
-    return u32_as_f32(np.uint32(bits) << np.uint32(16))
-
-
-@_device
-def f32_to_bf16(value):
-    # Round to nearest even with a NaN guard: bit-identical to torch's float -> bfloat16.
-    if value != value:
-        return np.uint16(0x7FC0)
-    u = f32_as_u32(value)
-    bias = ((u >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF)
-    return np.uint16((u + bias) >> np.uint32(16))
 
 
 @_device
@@ -157,30 +68,30 @@ def pair_sums(waddr, gaddr, code, start, stop, step):
     ws = 0.0
     gs = 0.0
     if code == FLOAT32:
-        w = f32_ptr(waddr)
-        g = f32_ptr(gaddr)
+        w = as_f32(waddr, stop)
+        g = as_f32(gaddr, stop)
         for j in range(start, stop, step):
             a = np.float64(w[j])
             b = np.float64(g[j])
             ws += a * a
             gs += b * b
     elif code == FLOAT64:
-        w64 = f64_ptr(waddr)
-        g64 = f64_ptr(gaddr)
+        w64 = as_f64(waddr, stop)
+        g64 = as_f64(gaddr, stop)
         for j in range(start, stop, step):
             ws += w64[j] * w64[j]
             gs += g64[j] * g64[j]
     elif code == FLOAT16:
-        wh = u16_ptr(waddr)
-        gh = u16_ptr(gaddr)
+        wh = as_u16(waddr, stop)
+        gh = as_u16(gaddr, stop)
         for j in range(start, stop, step):
             a = np.float64(half_to_f32(wh[j]))
             b = np.float64(half_to_f32(gh[j]))
             ws += a * a
             gs += b * b
     else:
-        wb = u16_ptr(waddr)
-        gb = u16_ptr(gaddr)
+        wb = as_u16(waddr, stop)
+        gb = as_u16(gaddr, stop)
         for j in range(start, stop, step):
             a = np.float64(bf16_to_f32(wb[j]))
             b = np.float64(bf16_to_f32(gb[j]))
@@ -194,19 +105,19 @@ def scale_strided(gaddr, code, start, stop, step, coef):
     # float32(coef) for 32- and 16-bit grads: the arithmetic of torch's grad.mul_(coef).
     c32 = np.float32(coef)
     if code == FLOAT32:
-        x = f32_ptr(gaddr)
+        x = as_f32(gaddr, stop)
         for j in range(start, stop, step):
             x[j] = x[j] * c32
     elif code == FLOAT64:
-        y = f64_ptr(gaddr)
+        y = as_f64(gaddr, stop)
         for j in range(start, stop, step):
             y[j] = y[j] * coef
     elif code == FLOAT16:
-        h = u16_ptr(gaddr)
+        h = as_u16(gaddr, stop)
         for j in range(start, stop, step):
             h[j] = f32_to_half(half_to_f32(h[j]) * c32)
     else:
-        b = u16_ptr(gaddr)
+        b = as_u16(gaddr, stop)
         for j in range(start, stop, step):
             b[j] = f32_to_bf16(bf16_to_f32(b[j]) * c32)
 
@@ -330,15 +241,15 @@ def _zero_if_flag(flag, meta, n, nc):
     start = meta[2 * n + nc + c] + cuda.threadIdx.x
     stop = meta[2 * n + 2 * nc + c]
     if code == FLOAT32:
-        x = f32_ptr(addr)
+        x = as_f32(addr, stop)
         for j in range(start, stop, BLOCK):
             x[j] = np.float32(0.0)
     elif code == FLOAT64:
-        y = f64_ptr(addr)
+        y = as_f64(addr, stop)
         for j in range(start, stop, BLOCK):
             y[j] = 0.0
     else:
-        h = u16_ptr(addr)
+        h = as_u16(addr, stop)
         for j in range(start, stop, BLOCK):
             h[j] = np.uint16(0)
 
