@@ -30,3 +30,20 @@ def _seed_and_threads():
     yield
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def build_calls(monkeypatch):
+    """Records every ``Plan.build`` call (by function name): each fastclip entry point builds
+    exactly one plan per call, and none runs when torch's own function does the work."""
+    from fastclip._plan import Plan
+
+    calls = []
+    original = Plan.build.__func__
+
+    def spy(cls, *args, **kwargs):
+        calls.append(args[1] if len(args) > 1 else kwargs.get("fn"))
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(Plan, "build", classmethod(spy))
+    return calls

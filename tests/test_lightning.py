@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import fastclip
-from fastclip._plan import Plan
 
 L = pytest.importorskip("lightning")
 
@@ -80,18 +79,6 @@ def fit(algorithm: str = "norm") -> Tiny:
     return model
 
 
-@pytest.fixture
-def build_calls(monkeypatch):
-    """Every fastclip entry point builds exactly one Plan per call, named after the function."""
-    calls = []
-    original = Plan.build.__func__
-
-    def spy(cls, *args, **kwargs):
-        calls.append(args[1] if len(args) > 1 else kwargs.get("fn"))
-        return original(cls, *args, **kwargs)
-
-    monkeypatch.setattr(Plan, "build", classmethod(spy))
-    return calls
 
 
 def test_trainer_gradient_clip_val_runs_fastclip(build_calls):

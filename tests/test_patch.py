@@ -14,7 +14,6 @@ import torch.nn.utils.clip_grad as tcg
 import fastclip
 from fastclip import _patch
 from fastclip import clip_grad as fc
-from fastclip._plan import Plan
 
 PUBLIC = [
     (tnu, "clip_grad_norm_", fastclip.clip_grad_norm_),
@@ -44,18 +43,6 @@ def _always_unpatched():
     assert snapshot() == before
 
 
-@pytest.fixture
-def build_calls(monkeypatch):
-    """Counts Plan.build calls: every fastclip entry point builds exactly one plan per call."""
-    calls = []
-    original = Plan.build.__func__
-
-    def spy(cls, *args, **kwargs):
-        calls.append(args[1] if len(args) > 1 else kwargs.get("fn"))
-        return original(cls, *args, **kwargs)
-
-    monkeypatch.setattr(Plan, "build", classmethod(spy))
-    return calls
 
 
 def grads(*shapes, scale=10.0, device="cpu"):
