@@ -68,6 +68,15 @@ def root(total: float, p: float) -> float:
     return total ** (1.0 / p)
 
 
+def tensor_root(total: torch.Tensor, p: float) -> torch.Tensor:
+    """``root`` on a float64 tensor (one total, or one sum per tensor), on its device."""
+    if p == 2.0:
+        return total.sqrt()
+    if p == 1.0 or p == math.inf:
+        return total
+    return total.pow(1.0 / p)
+
+
 @dataclass
 class Plan:
     sets: list[DeviceSet]
@@ -135,13 +144,7 @@ class Plan:
     def norm_from_total(self, total: Union[float, torch.Tensor], p: float) -> torch.Tensor:
         if isinstance(total, float):
             return torch.tensor(root(total, p), dtype=self.dtype, device=self.first_device)
-        if p == 2.0:
-            norm = total.sqrt()
-        elif p == 1.0 or p == math.inf:
-            norm = total
-        else:
-            norm = total.pow(1.0 / p)
-        return norm.to(self.dtype)
+        return tensor_root(total, p).to(self.dtype)
 
     def total_norm(self, p: float, group=None, stats=None) -> torch.Tensor:
         """The norm of every tensor of the plan, from one read pass on each device.

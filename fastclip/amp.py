@@ -20,7 +20,7 @@ from torch.amp.grad_scaler import GradScaler, OptState
 
 from fastclip import _distributed
 from fastclip import _validate as V
-from fastclip._plan import Plan, root
+from fastclip._plan import Plan, root, tensor_root
 from fastclip.clip_grad import clip_coefficient, clip_grad_norm_
 from fastclip.kernels.layout import FLOAT16
 
@@ -89,14 +89,6 @@ def nonfinite_flag(total, device: torch.device) -> torch.Tensor:
     return torch.logical_not(torch.isfinite(total)).to(torch.float32)
 
 
-def _tensor_root(total: torch.Tensor, p: float) -> torch.Tensor:
-    if p == 2.0:
-        return total.sqrt()
-    if p == 1.0 or p == math.inf:
-        return total
-    return total.pow(1.0 / p)
-
-
 def plan_grads(params: list, fn: str):
     """The grads of ``params`` as the kernels see them: (local grads, group, plan or None).
 
@@ -130,7 +122,7 @@ def scaled_pass(plan: Plan, p: float, inv_scale: torch.Tensor, group=None):
     else:  # on a device: tensor ops only, so nothing is read back to the host
         total = torch.as_tensor(total, dtype=torch.float64).to(plan.first_device, non_blocking=True)
         inv = inv_scale.to(plan.first_device, non_blocking=True).double()
-        norm = (_tensor_root(total, p) * inv).to(plan.dtype)
+        norm = (tensor_root(total, p) * inv).to(plan.dtype)
     return norm, found
 
 

@@ -9,7 +9,6 @@ complex dtypes) go to torch's own implementation, captured at import so that
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Union
 
 import numpy as np

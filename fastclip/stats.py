@@ -7,20 +7,12 @@ stay tensors on the grads' device: filling a ``ClipStats`` never reads a value b
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import numpy as np
 import torch
 
-
-def _per_tensor_roots(sums: torch.Tensor, p: float) -> torch.Tensor:
-    """Per-tensor p-norms from float64 sums of |x|**p (max |x| for inf), in float64."""
-    if p == 2.0:
-        return sums.sqrt()
-    if p == 1.0 or p == math.inf:
-        return sums
-    return sums.pow(1.0 / p)
+from fastclip._plan import tensor_root
 
 
 def _as_device_tensor(value, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -99,7 +91,7 @@ class ClipStats:
             for s, r in zip(plan.sets, results):
                 index = _as_device_tensor(s.indices, torch.long, device)
                 sums.index_copy_(0, index, _as_device_tensor(r.per_tensor, torch.float64, device))
-        self.per_tensor_norms = _per_tensor_roots(sums, p).to(norm.dtype)
+        self.per_tensor_norms = tensor_root(sums, p).to(norm.dtype)
         counts = [r.nonfinite for r in results]
         if all(isinstance(c, int) for c in counts):  # host backends: a plain sum
             self.nonfinite_count = _as_device_tensor(sum(counts), torch.int64, device)

@@ -17,7 +17,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from .startup import defer_blas_check
-from .layout import BFLOAT16, FLOAT16, FLOAT32, FLOAT64, NORM_INF, NORM_L1, NORM_L2
+from .layout import FLOAT16, FLOAT32, FLOAT64, NORM_INF, NORM_L1, NORM_L2
 
 defer_blas_check()
 
