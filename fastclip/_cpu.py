@@ -93,32 +93,6 @@ def power_sums(table: TensorTable, p: float, count_nonfinite: bool = False) -> P
     return PowerSums(float(total), per_tensor, nonfinite)
 
 
-_ITEMSIZE = np.array([4, 8, 2, 2], dtype=np.int64)  # by dtype code (kernels/layout.py)
-
-
-def _aliased(table: TensorTable) -> bool:
-    """True when two tensors written through the table share memory."""
-    lengths = table.writable_lengths()
-    live = lengths > 0
-    starts = table.addrs[live]
-    order = np.argsort(starts, kind="stable")
-    starts = starts[order]
-    ends = (starts + (lengths[live] * _ITEMSIZE[table.codes[live]])[order])
-    return bool(np.any(starts[1:] < np.maximum.accumulate(ends)[:-1]))
-
-
-def _check_strided_writable(table: TensorTable) -> None:
-    """Raise before any write when torch would refuse to write a strided tensor in place (an
-    expanded view: several elements at one address), so a failing call changes no grad."""
-    for i in table.strided:
-        t = table.tensors[i]
-        if any(s == 0 and n > 1 for s, n in zip(t.stride(), t.shape)):
-            raise RuntimeError(
-                f"gradient {i} of this device is an expanded view (stride {tuple(t.stride())}): "
-                "several of its elements share one memory location, so it cannot be written in "
-                "place. Give it its own memory first (p.grad = p.grad.clone()).")
-
-
 def scale_(table: TensorTable, coef: float) -> None:
     """Multiply every tensor of ``table`` by ``coef`` in place (torch's ``mul_`` rounding).
 
@@ -127,9 +101,9 @@ def scale_(table: TensorTable, coef: float) -> None:
     """
     if coef >= 1.0:
         return
-    _check_strided_writable(table)
+    table.check_writable()
     chunks = _chunks(table, writable=True)
-    if chunks.group_bounds.shape[0] > 2 and _aliased(table):
+    if chunks.group_bounds.shape[0] > 2 and table.overlapping().size:
         # The same memory listed twice (e.g. one grad passed twice) is scaled twice by torch, one
         # multiply after the other; threads would race on it. One group runs the chunks in order.
         chunks = chunks._replace(group_bounds=np.array([0, chunks.n_chunks], dtype=np.int64))
@@ -140,7 +114,7 @@ def scale_(table: TensorTable, coef: float) -> None:
 
 def clamp_(table: TensorTable, bound: float) -> None:
     """Clamp every tensor of ``table`` to ``[-bound, bound]`` in place."""
-    _check_strided_writable(table)
+    table.check_writable()
     _launch(K.clamp_serial, K.clamp_parallel, table, _chunks(table, writable=True), float(bound))
     for i in table.strided:
         table.tensors[i].clamp_(min=-bound, max=bound)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import threading
+import warnings
 from collections import OrderedDict
 from typing import Optional
 
@@ -48,7 +49,8 @@ _available: Optional[bool] = None
 
 
 def is_available() -> bool:
-    """True when CUDA tensors can run on fastclip's kernels (a GPU, a driver, numba-cuda)."""
+    """True when CUDA tensors can run on fastclip's kernels (a GPU, a driver, numba-cuda, and
+    a kernel that compiles and loads on the current device)."""
     global _available
     if _available is None:
         ok = False
@@ -59,6 +61,16 @@ def is_available() -> bool:
                 ok = bool(cuda.is_available())
             except Exception:  # a broken driver or toolkit: torch does the work
                 ok = False
+            if ok:
+                # Load one kernel now, so that a toolkit the driver cannot run (PTX newer than
+                # the driver, say) means torch's implementation, not an error on the first clip.
+                try:
+                    _power_sums.prepare(torch.cuda.current_device())
+                except Exception as exc:
+                    warnings.warn(f"fastclip: numba-cuda cannot load fastclip's kernels on this GPU "
+                                  f"({exc!r}); CUDA gradients are clipped by torch's implementation",
+                                  RuntimeWarning, stacklevel=2)
+                    ok = False
         _available = ok
     return _available
 
@@ -67,10 +79,13 @@ class _DeviceTable:
     """A table on the device, its scratch, and the launch geometry."""
 
     __slots__ = ("device", "index", "stream", "n", "nc", "grid", "table", "scratch",
-                 "_keep", "scratch_tensor")
+                 "_keep", "scratch_tensor", "torch_written")
 
-    def __init__(self, device, stream, n, nc, grid, table_tensor, scratch_tensor):
+    def __init__(self, device, stream, n, nc, grid, table_tensor, scratch_tensor, torch_written=()):
         self.device = device
+        # Tensors the write kernels skip (READONLY) and torch writes after them, in this order:
+        # strided views (the kernels read a copy) and later listings of overlapping memory.
+        self.torch_written = tuple(torch_written)
         self.index = device.index if device.type == "cuda" else -1
         self.stream = stream
         self.n = n
@@ -181,12 +196,13 @@ class _Launcher:
         state = self.per_device.get(index)
         if state is not None:
             return state
-        state = {"fast": None, "configs": {}, "streams": {}, "blocks_per_sm": None}
+        state = {"fast": None, "configs": {}, "streams": {}, "numba_streams": {},
+                 "blocks_per_sm": None}
         with _device_guard(index), _relaxed_capture():
             kernel = self.dispatcher.compile(self.sig)
             try:
-                cufunc = kernel._codelibrary.get_cufunc()
-            except Exception:  # numba-cuda internals changed: the public launch path only
+                cufunc = kernel._codelibrary.get_cufunc()  # loads the module: driver errors raise
+            except AttributeError:  # numba-cuda internals changed: the public launch path only
                 cufunc = None
             if cufunc is not None and FAST_LAUNCH:
                 try:
@@ -214,22 +230,31 @@ class _Launcher:
         state = self.per_device.get(entry.index) or self.prepare(entry.index)
         with _device_guard(entry.index):
             if state["fast"] is not None:
-                config = state["configs"].get(entry.grid)
-                if config is None:
-                    config = state["configs"][entry.grid] = state["LaunchConfig"](
-                        grid=entry.grid, block=K.THREADS)
-                stream = state["streams"].get(entry.stream)
-                if stream is None:
-                    stream = state["streams"][entry.stream] = state["Stream"].from_handle(entry.stream)
-                state["fast"](stream, config, state["kernel"],
-                              *[conv(a) for conv, a in zip(self.convs, args)])
-            else:
-                stream = state["streams"].get(entry.stream)
-                if stream is None:
-                    from numba import cuda
+                try:
+                    self._fast_launch(state, entry, args)
+                    return
+                except (TypeError, ValueError, AttributeError):
+                    # cuda.core refused the call before launching anything (its API changed):
+                    # numba's dispatcher from now on. A path that has launched once stays.
+                    if state.get("fast_ok"):
+                        raise
+                    state["fast"] = None
+            stream = state["numba_streams"].get(entry.stream)
+            if stream is None:
+                from numba import cuda
 
-                    stream = state["streams"][entry.stream] = cuda.external_stream(entry.stream)
-                self.dispatcher[entry.grid, K.THREADS, stream](*args)
+                stream = state["numba_streams"][entry.stream] = cuda.external_stream(entry.stream)
+            self.dispatcher[entry.grid, K.THREADS, stream](*args)
+
+    def _fast_launch(self, state: dict, entry: _DeviceTable, args: tuple) -> None:
+        config = state["configs"].get(entry.grid)
+        if config is None:
+            config = state["configs"][entry.grid] = state["LaunchConfig"](grid=entry.grid, block=K.THREADS)
+        stream = state["streams"].get(entry.stream)
+        if stream is None:
+            stream = state["streams"][entry.stream] = state["Stream"].from_handle(entry.stream)
+        state["fast"](stream, config, state["kernel"], *[conv(a) for conv, a in zip(self.convs, args)])
+        state["fast_ok"] = True
 
 
 _power_sums = _Launcher("power_sums_kernel")
@@ -266,9 +291,10 @@ def _max_blocks(device: torch.device) -> int:
     return props.multi_processor_count * per_sm
 
 
-def host_table(table: TensorTable, chunk_size: Optional[int] = None) -> tuple:
+def host_table(table: TensorTable, chunk_size: Optional[int] = None, readonly=()) -> tuple:
     """The device table's int64 contents for ``table`` (see ``kernels.cuda.table_layout``),
-    and its tensor and chunk counts. ``chunk_size`` defaults to ``CHUNK_SIZE``."""
+    and its tensor and chunk counts. ``chunk_size`` defaults to ``CHUNK_SIZE``; the write
+    kernels skip the strided tensors and those listed in ``readonly``."""
     chunk_size = CHUNK_SIZE if chunk_size is None else chunk_size
     lengths = table.lengths
     chunks = build_chunk_table(lengths, chunk_size)
@@ -278,12 +304,17 @@ def host_table(table: TensorTable, chunk_size: Optional[int] = None) -> tuple:
     codes = table.codes.astype(np.int64, copy=True)
     if table.strided:
         codes[table.strided] |= K.READONLY
+    if len(readonly):
+        codes[np.asarray(readonly, dtype=np.int64)] |= K.READONLY
     host = np.concatenate([table.addrs, codes, chunks.tensor, chunks.start, chunks.stop, first])
     return host.astype(np.int64, copy=False), int(lengths.shape[0]), chunks.n_chunks
 
 
 def _upload(table: TensorTable, device: torch.device, stream: int, capturing: bool) -> _DeviceTable:
-    host, n, nc = host_table(table)
+    # Blocks write their chunks concurrently: memory listed twice would race (torch scales it
+    # twice, one multiply after the other), so its later listings are left to torch.
+    overlapping = table.overlapping()
+    host, n, nc = host_table(table, readonly=overlapping)
     slots = K.scratch_slots(n, nc)
     if device.type != "cuda":  # the simulator: "device" memory is host memory
         table_tensor = torch.from_numpy(host)
@@ -300,7 +331,8 @@ def _upload(table: TensorTable, device: torch.device, stream: int, capturing: bo
         table_tensor.copy_(pinned, non_blocking=True)
         scratch = torch.zeros(slots, dtype=torch.int64, device=device)
     grid = max(1, min(nc, _max_blocks(device)))
-    return _DeviceTable(device, stream, n, nc, grid, table_tensor, scratch)
+    torch_written = sorted(set(table.strided) | set(overlapping.tolist()))
+    return _DeviceTable(device, stream, n, nc, grid, table_tensor, scratch, torch_written)
 
 
 def device_table(table: TensorTable) -> _DeviceTable:
@@ -367,6 +399,7 @@ def power_sums(table: TensorTable, p: float, count_nonfinite: bool = False,
 def scale_(table: TensorTable, coef: torch.Tensor) -> None:
     """Multiply every tensor by the 0-d ``coef`` (on this device) in place, with torch's
     ``mul_`` rounding. The kernel reads coef on the device and does nothing when it is >= 1."""
+    table.check_writable()  # before the kernel: a failing call changes no grad
     entry = device_table(table)
     if not isinstance(coef, torch.Tensor):  # a host number (the simulator's CPU "device")
         coef = torch.tensor(float(coef), dtype=torch.float64, device=entry.device)
@@ -376,15 +409,16 @@ def scale_(table: TensorTable, coef: torch.Tensor) -> None:
         coef = coef.to(entry.device, non_blocking=True)
     _scale(entry, (entry.table, entry.n, entry.nc, coef.data_ptr(),
                    1 if coef.dtype == torch.float64 else 0))
-    for i in table.strided:
+    for i in entry.torch_written:
         table.tensors[i].mul_(coef)
 
 
 def clamp_(table: TensorTable, bound: float) -> None:
     """Clamp every tensor to ``[-bound, bound]`` in place."""
+    table.check_writable()
     entry = device_table(table)
     _clamp(entry, (entry.table, entry.n, entry.nc, float(bound)))
-    for i in table.strided:
+    for i in entry.torch_written:
         table.tensors[i].clamp_(min=-bound, max=bound)
 
 
@@ -403,6 +437,7 @@ def fused_clip_(table: TensorTable, p: float, max_norm: float, dtype: torch.dtyp
     """``clip_grad_norm_`` in two launches: kernel 1 writes the norm and torch's coefficient
     (to the table's scratch), kernel 2 reads the coefficient and scales, or returns at once
     when it is 1. Returns the norm (0-d, ``dtype``)."""
+    table.check_writable()  # torch's _foreach_mul_ refuses expanded grads whatever the norm
     entry = device_table(table)
     norm = torch.empty((), dtype=dtype, device=entry.device)
     is_f64 = dtype == torch.float64
@@ -411,10 +446,10 @@ def fused_clip_(table: TensorTable, p: float, max_norm: float, dtype: torch.dtyp
                         K.RESULT_F64 if is_f64 else 0, float(max_norm),
                         0, norm.data_ptr(), coef_addr, 0, 0))
     _scale(entry, (entry.table, entry.n, entry.nc, coef_addr, 1 if is_f64 else 0))
-    if table.strided:
+    if entry.torch_written:
         slot = entry.scratch_tensor[K.SCRATCH_COEF:K.SCRATCH_COEF + 1]
         coef = slot.view(torch.float64)[0] if is_f64 else slot.view(torch.float32)[0]
-        for i in table.strided:
+        for i in entry.torch_written:
             table.tensors[i].mul_(coef)
     return norm
 

@@ -23,6 +23,7 @@ DTYPE_CODES = {
     torch.float16: FLOAT16,
     torch.bfloat16: BFLOAT16,
 }
+ITEMSIZE = np.array([4, 8, 2, 2], dtype=np.int64)  # bytes per element, by dtype code
 
 
 def is_dense(t: torch.Tensor) -> bool:
@@ -108,3 +109,31 @@ class TensorTable:
         lengths = self.lengths.copy()
         lengths[self.strided] = 0
         return lengths
+
+    def check_writable(self) -> None:
+        """Raise before any write when torch would refuse to write a strided tensor in place (an
+        expanded view: several elements at one address), so a failing call changes no grad."""
+        for i in self.strided:
+            t = self.tensors[i]
+            if any(s == 0 and n > 1 for s, n in zip(t.stride(), t.shape)):
+                raise RuntimeError(
+                    f"gradient {i} of this device is an expanded view (stride {tuple(t.stride())}): "
+                    "several of its elements share one memory location, so it cannot be written in "
+                    "place. Give it its own memory first (p.grad = p.grad.clone()).")
+
+    def overlapping(self) -> np.ndarray:
+        """Indices of the tensors written through the table whose memory overlaps that of a
+        tensor before them in address order (one grad listed twice, overlapping views).
+
+        torch scales such memory once per listing, one multiply after the other; kernels that
+        write tensors concurrently must leave these to be written after them, in order.
+        """
+        lengths = self.writable_lengths()
+        live = np.flatnonzero(lengths > 0)
+        order = np.argsort(self.addrs[live], kind="stable")
+        live = live[order]
+        starts = self.addrs[live]
+        ends = starts + lengths[live] * ITEMSIZE[self.codes[live]]
+        later = np.zeros(live.shape[0], dtype=bool)
+        later[1:] = starts[1:] < np.maximum.accumulate(ends)[:-1]
+        return live[later]

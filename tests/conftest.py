@@ -22,6 +22,19 @@ except ImportError:  # hypothesis is only needed by test_core_properties.py
     pass
 
 
+def pytest_sessionstart(session):
+    """With FASTCLIP_REQUIRE_GPU=1 (set by benchmarks/gpu_check.sh), a machine where fastclip's
+    CUDA kernels cannot run is an error, not a run whose GPU tests all skip and look green."""
+    if os.environ.get("FASTCLIP_REQUIRE_GPU") != "1" or os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return
+    from fastclip import _cuda
+
+    if not torch.cuda.is_available() or not _cuda.is_available():
+        raise pytest.UsageError(
+            "FASTCLIP_REQUIRE_GPU=1, but fastclip's CUDA backend cannot run here "
+            f"(torch.cuda.is_available()={torch.cuda.is_available()}; see any fastclip warning above)")
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     """Every test starts from the same RNG state and leaves torch's thread count as it found it."""

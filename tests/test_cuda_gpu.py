@@ -348,3 +348,69 @@ def test_both_launch_paths_agree(C, monkeypatch):
         C.reset_launchers()
     for a, b in zip(fast, slow):
         assert_bitwise_equal(a, b)
+
+
+def test_same_grad_listed_twice_is_scaled_twice_like_torch(C):
+    """Blocks write chunks concurrently: memory listed twice would race (some elements scaled
+    once). Its later listing is written by torch after the kernel, so every element is c**2."""
+    g = torch.randn(1 << 23, device="cuda")
+    base = torch.randn(3 << 20, device="cuda")
+    for _ in range(5):
+        ours = [g.clone(), base.clone()]
+        theirs = [g.clone(), base.clone()]
+        listed = [ours[0], ours[0], ours[1][:2 << 20], ours[1][1 << 20:]]  # twice; overlapping
+        norm = fastclip.clip_grad_norm_(_params(listed), 1.0)
+        for t in (theirs[0], theirs[0], theirs[1][:2 << 20], theirs[1][1 << 20:]):  # in order
+            scale_like_fastclip_([t], reference_coef(1.0, norm))
+        for a, b in zip(ours, theirs):
+            assert_bitwise_equal(a, b)
+    assert_norm_close(norm, [g, g, base[:2 << 20], base[1 << 20:]], 2.0)
+
+
+def test_expanded_grad_is_refused_before_any_write(C):
+    grads = _grads(SETS["mixed"]) + [torch.randn(1, device="cuda").expand(30)]
+    before = [g.clone() for g in grads]
+    with pytest.raises(RuntimeError, match="expanded view"):
+        fastclip.clip_grad_norm_(_params(grads), 1e-3)
+    for g, b in zip(grads, before):
+        assert_bitwise_equal(g, b)
+
+
+@pytest.mark.parametrize("blocks", [7, None])
+def test_last_block_finalize_is_race_free_under_repetition(C, monkeypatch, blocks):
+    """A missing fence or a stale read in the last-block finalize shows as a rare wrong total:
+    repeat the one-launch passes many times and compare every result's bits with the first."""
+    monkeypatch.setattr(C, "MAX_BLOCKS", blocks)
+    C.clear_cache()
+    grads = _grads(SETS["mixed"])
+    grads[0][5, 6] = math.inf
+    table = TensorTable.from_tensors(grads, [t.dtype for t in grads])
+    runs = [C.power_sums(table, 2.0, count_nonfinite=True) for _ in range(1000)]
+    finite = grads[1:]
+    norms = torch.stack([fastclip.get_total_norm(finite) for _ in range(1000)])
+    per_tensor = torch.stack([r.per_tensor for r in runs])
+    counts = torch.stack([r.nonfinite for r in runs])
+    assert int(counts[0]) == 1 and math.isinf(float(runs[0].total))
+    assert_bitwise_equal(counts, counts[0].expand_as(counts))
+    assert_bitwise_equal(per_tensor, per_tensor[0].expand_as(per_tensor))
+    assert_bitwise_equal(norms, norms[0].expand_as(norms))
+    assert_norm_close(norms[0], finite, 2.0)
+    C.clear_cache()
+
+
+@pytest.mark.slow
+def test_a_tensor_of_more_than_2_31_elements(C):
+    """64-bit indexing end to end: a 4 GiB bfloat16 grad of 2**31 + 5 elements."""
+    n = (1 << 31) + 5
+    g = torch.empty(n, dtype=BF16, device="cuda")
+    step = 1 << 28
+    for i in range(0, n, step):
+        g[i:i + step].normal_()
+    exact = math.sqrt(math.fsum(float(g[i:i + step].double().square().sum()) for i in range(0, n, step)))
+    ends = [g[:1000].clone(), g[-1000:].clone()]
+    norm = fastclip.clip_grad_norm_(_params([g]), 1.0)
+    assert math.isclose(float(norm), exact, rel_tol=1e-6)
+    for ref in ends:
+        scale_like_fastclip_([ref], reference_coef(1.0, norm))
+    assert_bitwise_equal(g[:1000], ends[0])
+    assert_bitwise_equal(g[-1000:], ends[1])  # elements past 2**31 were written

@@ -374,3 +374,49 @@ def test_get_total_norm_and_clip_grad_value_on_the_cuda_backend(cuda_backend):
     fastclip.clip_grad_value_(_params(grads), 0.4)
     for g, e in zip(grads, expected):
         assert_bitwise_equal(g, e)
+
+
+@needs_sim
+def test_memory_listed_twice_is_left_to_torch_after_the_kernel(cuda_backend):
+    """Blocks write chunks concurrently, so a grad listed twice (or overlapping views) would race
+    on a GPU (the simulator's blocks take turns and cannot show it). The later listing is marked
+    read-only in the device table and scaled by torch after the kernel: c**2, like torch."""
+    g = torch.randn(1000)
+    base = torch.randn(900)
+    grads = [g, torch.randn(50), g, base[:600], base[300:]]  # exact duplicate, partial overlap
+    table = _table(grads)
+    assert sorted(table.overlapping().tolist()) == [2, 4]
+    entry = _cuda.device_table(table)
+    assert entry.torch_written == (2, 4)
+    host, n, nc = _cuda.host_table(table, readonly=table.overlapping())
+    lay = K.table_layout(n, nc)
+    assert [int(c) >= K.READONLY for c in host[lay["codes"]:lay["tensor"]]] == [False, False, True,
+                                                                                False, True]
+    ours = [t.clone() for t in (g, grads[1], base)]
+    ours_list = [ours[0], ours[1], ours[0], ours[2][:600], ours[2][300:]]
+    theirs = [t.clone() for t in (g, grads[1], base)]
+    theirs_list = [theirs[0], theirs[1], theirs[0], theirs[2][:600], theirs[2][300:]]
+    norm = fastclip.clip_grad_norm_(_params(ours_list), 1.0)
+    torch.nn.utils.clip_grads_with_norm_(_params(theirs_list), 1.0, norm)
+    for a, b in zip(ours, theirs):
+        assert_bitwise_equal(a, b)
+    assert not torch.equal(ours[0], g)  # negative control: it did clip
+
+
+@needs_sim
+@pytest.mark.parametrize("call", ["clip_grad_norm_", "clip_grads_with_norm_", "clip_grad_value_"])
+def test_expanded_grad_is_refused_before_any_write(cuda_backend, call):
+    """torch's _foreach_mul_ refuses an expanded grad; on the CUDA backend the refusal comes
+    before the kernels run, whatever the norm (the host never reads it), so no grad changes."""
+    grads = _grads() + [torch.randn(1).expand(30)]
+    before = [g.clone() for g in grads]
+    params = _params(grads)
+    with pytest.raises(RuntimeError, match="expanded view"):
+        if call == "clip_grad_norm_":
+            fastclip.clip_grad_norm_(params, 1e-3)
+        elif call == "clip_grads_with_norm_":
+            fastclip.clip_grads_with_norm_(params, 1e-3, torch.tensor(5.0))
+        else:
+            fastclip.clip_grad_value_(params, 1e-3)
+    for g, b in zip(grads, before):
+        assert_bitwise_equal(g, b)

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Every check of the CUDA path that needs a real GPU (issue 3), as one prepared run sized for a
+# short lease (about 8 minutes on an H100/H200; each stage has its own time limit).
+#
+#   OUT=/tmp/gpu-check bash benchmarks/gpu_check.sh     # in the repository root, on the GPU machine
+#
+# Stages: install (editable, no dependencies: the machine may have no network), versions and
+# GPU, the `gpu`-marked tests, the benchmark of benchmarks/bench_cuda.py. Logs and the
+# benchmark's JSON go to $OUT; a summary is printed last. Exit status: 0 when every stage passed.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-gpu-check-out}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+
+python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1
+rc_install=$?
+[ $rc_install -eq 0 ] || { tail -20 "$OUT/install.log"; exit 1; }
+
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv 2>&1
+  python3 - <<'EOF'
+import importlib.metadata as md, platform, torch
+
+
+def version(dist):
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return "absent"
+
+
+print("python", platform.python_version(), "| torch", torch.__version__, "cuda", torch.version.cuda,
+      "|", ", ".join(f"{d} {version(d)}" for d in ("numba", "numba-cuda", "cuda-core", "cuda-bindings")))
+from fastclip import _cuda
+print("fastclip CUDA backend available:", _cuda.is_available())
+EOF
+} 2>&1 | tee "$OUT/versions.txt"
+
+# The GPU tests: parity with the exact reference, bit-equality with torch's ops, the sync-debug
+# "error" mode, graph capture and replay, streams, mixed devices, both launch paths; and the
+# gpu-marked tests of AMP, stats, clip_and_step, GradClipper and AGC.
+FASTCLIP_REQUIRE_GPU=1 timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider -rfEs tests/ 2>&1 | tee "$OUT/gpu_tests.log"
+rc_tests=$?
+
+# The benchmark against torch.nn.utils.clip_grad_norm_(foreach=True), in the same run.
+timeout 300 python3 benchmarks/bench_cuda.py --out "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench_cuda.log"
+rc_bench=$?
+
+echo
+echo "== gpu_check: install rc=$rc_install, gpu tests rc=$rc_tests, bench rc=$rc_bench (124 = timed out)"
+tail -n 1 "$OUT/gpu_tests.log" | sed "s/^/   tests: /"
+[ $rc_tests -eq 0 ] && [ $rc_bench -eq 0 ]
