@@ -193,7 +193,48 @@ def run(args) -> dict:
         torch.cuda.empty_cache()
 
     host = host_overhead(dev)
-    return {"meta": meta, "copy_gbps": copy, "sets": rows, "host": host, "targets": TARGETS}
+    sweep = chunk_sweep(args.chunk_sweep, dev, args.reps, copy) if args.chunk_sweep else []
+    return {"meta": meta, "copy_gbps": copy, "sets": rows, "host": host, "chunk_sweep": sweep,
+            "targets": TARGETS}
+
+
+def chunk_sweep(spec: str, dev, reps: int, copy: float) -> list:
+    """The norm pass (a non-clipping step) at several chunk sizes, on gpt2-124m and the 1.5B set.
+
+    The grid holds the resident blocks; each walks its chunks in a grid-stride loop, so the
+    chunk size sets how evenly the last round is filled against the cost per chunk (table
+    reads, one partial). ``CHUNK_SIZE`` is the default, chosen without a GPU: this measures it.
+    """
+    from fastclip import _cuda
+
+    default = _cuda.CHUNK_SIZE
+    out = []
+    try:
+        for name in ("gpt2-124m", "gpt2-xl-1.5b"):
+            params, grads = make_set(name, dev)
+            nbytes = sum(g.numel() * g.element_size() for g in grads)
+            for size in (int(v) for v in spec.split(",")):
+                _cuda.CHUNK_SIZE = size
+                _cuda.clear_cache()  # tables are cached by contents, not by chunk size
+                ms = gpu_ms(lambda: fastclip.clip_grad_norm_(params, 1e30), reps)
+                entry = _cuda.device_table(_table_of(grads))
+                row = {"set": name, "chunk_size": size, "chunks": entry.nc, "grid": entry.grid,
+                       "no_clip_ms": ms, "norm_vs_copy": nbytes / (ms * 1e-3) / 1e9 / copy}
+                out.append(row)
+                print(f"# chunk sweep {name:<14} chunk {size:>7} ({row['chunks']:>6} chunks, grid "
+                      f"{row['grid']}): {ms:.3f} ms = {100 * row['norm_vs_copy']:.0f}% of copy", flush=True)
+            params = grads = None
+            torch.cuda.empty_cache()
+    finally:
+        _cuda.CHUNK_SIZE = default
+        _cuda.clear_cache()
+    return out
+
+
+def _table_of(grads):
+    from fastclip._table import TensorTable
+
+    return TensorTable.from_tensors(grads, [g.dtype for g in grads])
 
 
 def measure_set(name: str, dev, reps: int, copy: float) -> dict:
@@ -234,7 +275,6 @@ def measure_set(name: str, dev, reps: int, copy: float) -> dict:
         row[key + "_with_restore"] = row[key]
         row[key] -= row["restore_ms"]
     restore()
-    del saved
     row["no_clip_speedup"] = row["no_clip_torch_ms"] / row["no_clip_fastclip_ms"]
     row["clip_speedup"] = row["clip_torch_ms"] / row["clip_fastclip_ms"]
     row["norm_read_gbps"] = nbytes / (row["no_clip_fastclip_ms"] * 1e-3) / 1e9
@@ -302,6 +342,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sets", default=DEFAULT_SETS, help=f"comma-separated, from {', '.join(SETS)}")
     ap.add_argument("--reps", type=int, default=5, help="timed repeats per figure (median)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--chunk-sweep", default="16384,32768,65536,131072,262144",
+                    help="comma-separated chunk sizes for the norm-pass sweep ('' to skip)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_cuda: no CUDA GPU visible to torch", file=sys.stderr)

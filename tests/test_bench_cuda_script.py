@@ -1,0 +1,63 @@
+"""benchmarks/bench_cuda.py's logic, run on the CPU with a stand-in timer: device time is scarce,
+so a GPU session must not find a crash or a mismeasured step in the script."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+import fastclip
+
+_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                     "bench_cuda.py")
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_cuda", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setitem(module.SETS, "tiny", (lambda: [(300, 7), (1000,), (5,)], torch.float32))
+    return module
+
+
+def test_every_timed_clip_starts_from_unclipped_grads(bench, monkeypatch):
+    """Repeated clips converge to a norm whose coefficient is exactly 1 (no write for fastclip):
+    the clipping step must restore the grads before each call, or it times a no-op."""
+    coefs = []
+    original = fastclip.clip_grad_norm_
+
+    def spy(params, max_norm, *args, **kwargs):
+        norm = original(params, max_norm, *args, **kwargs)
+        coefs.append(min(max_norm / (float(norm) + 1e-6), 1.0))
+        return norm
+
+    monkeypatch.setattr(bench.fastclip, "clip_grad_norm_", spy)
+    def gpu_ms(fn, reps, target_ms=40.0):
+        for _ in range(5):
+            fn()
+        return 1.0 if fn.__name__ == "restore" else 3.0
+
+    monkeypatch.setattr(bench, "gpu_ms", gpu_ms)
+    params, grads = bench.make_set("tiny", torch.device("cpu"))
+    before = [g.clone() for g in grads]
+    monkeypatch.setattr(bench, "make_set", lambda name, dev: (params, grads))
+    row = bench.measure_set("tiny", torch.device("cpu"), 1, 100.0)
+    clip_coefs = [c for c in coefs if c != 1.0]
+    # Every timed clip call clipped, from the same grads: the same coefficient each time.
+    assert len(clip_coefs) == 5 and len(set(clip_coefs)) == 1 and clip_coefs[0] < 0.5
+    assert coefs.count(1.0) == 5  # the non-clipping step's calls
+    for g, b in zip(grads, before):
+        assert torch.equal(g, b)  # restored after timing
+    assert row["clip_fastclip_ms"] == 2.0 and row["clip_fastclip_ms_with_restore"] == 3.0
+    assert row["norm_rel_err_fastclip"] < 1e-6
+
+
+def test_without_a_gpu_the_script_says_so(bench, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert bench.main(["--sets", "tiny"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
