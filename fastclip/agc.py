@@ -14,8 +14,9 @@ treats as clipped (a factor of exactly 1 unless ``||G|| < 1e-6``).
 
 On the CPU and on CUDA, one call runs one fused pass (two when a unit is longer than a chunk)
 over a table of every parameter and grad: float64 norms, per-unit factors, and the scaling of
-the clipped rows, with no host synchronization on CUDA. Other devices run the same formula in
-torch ops. On CUDA each call uploads its table from pageable host memory, so a call cannot be
+the clipped rows, with no host synchronization on CUDA. Grads that share memory (one grad under
+two parameters, overlapping views) are clipped in list order, in successive calls, as the
+formula applied parameter after parameter does. Other devices run the same formula in torch ops. On CUDA each call uploads its table from pageable host memory, so a call cannot be
 captured in a CUDA graph.
 """
 
@@ -96,6 +97,32 @@ def _pairs(parameters: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if g.numel():
             pairs.append((p.detach(), g))
     return pairs
+
+
+def _rounds(pairs: list) -> list[list]:
+    """``pairs`` split into rounds, run one after the other, in which no two grads share memory.
+
+    A grad listed twice (or overlapping views) is clipped twice by the torch formula, the second
+    time from the first's result; kernels that clip units concurrently would race on it, and a
+    unit longer than a chunk would take both factors from the unclipped norm. A pair goes one
+    round after the latest earlier pair it overlaps, so overlapping pairs run in list order.
+    """
+    n = len(pairs)
+    if n < 2:
+        return [pairs]
+    starts = np.fromiter((g.data_ptr() for _, g in pairs), dtype=np.int64, count=n)
+    spans = np.fromiter((1 + sum((size - 1) * stride for size, stride in zip(g.shape, g.stride()))
+                         for _, g in pairs), dtype=np.int64, count=n)
+    ends = starts + spans * np.fromiter((g.element_size() for _, g in pairs), dtype=np.int64, count=n)
+    order = np.argsort(starts, kind="stable")
+    if not (starts[order][1:] < np.maximum.accumulate(ends[order])[:-1]).any():
+        return [pairs]  # the usual case: no shared memory, one round
+    round_of = np.zeros(n, dtype=np.int64)
+    for j in range(1, n):
+        earlier = (starts[:j] < ends[j]) & (starts[j] < ends[:j])
+        if earlier.any():
+            round_of[j] = round_of[:j][earlier].max() + 1
+    return [[pairs[i] for i in np.flatnonzero(round_of == r)] for r in range(int(round_of.max()) + 1)]
 
 
 class _Table:
@@ -259,15 +286,15 @@ def adaptive_grad_clip_(
         by_device.setdefault(pair[1].device, []).append(pair)
     for device, members in by_device.items():
         kernels: Optional[object] = None
-        if device.type == "cpu":
-            _run_cpu(members, clipping, eps)
-            continue
         if device.type == "cuda":
             kernels = _cuda_kernels()
-        if kernels is not None:
-            _run_cuda(kernels, members, device, clipping, eps)
-        else:
-            _run_torch(members, clipping, eps)
+        for round_ in _rounds(members):
+            if device.type == "cpu":
+                _run_cpu(round_, clipping, eps)
+            elif kernels is not None:
+                _run_cuda(kernels, round_, device, clipping, eps)
+            else:
+                _run_torch(round_, clipping, eps)
 
 
 __all__ = ["adaptive_grad_clip_"]

@@ -255,6 +255,52 @@ def test_skips_params_without_grads_and_accepts_generators():
     assert_grads_match([single], ref)
 
 
+@pytest.mark.parametrize("shape", [(1024, 1024), (150_000,)], ids=["threaded-rows", "long-unit"])
+def test_grads_sharing_memory_are_clipped_in_list_order(shape):
+    """One grad under two parameters is clipped twice, the second time from the first's result,
+    as the reference does. Before rounds, threads raced on it (seen: 10-77K of 1M elements off)
+    and a unit longer than a chunk took both factors from the unclipped norm."""
+    torch.set_num_threads(2)
+    (p,) = make_params([shape], torch.float32, seed=3, grad_scales=(0.05,))
+    g0 = p.grad.clone()
+    for _ in range(3):
+        p.grad = g0.clone()
+        fastclip.adaptive_grad_clip_([p, p])
+        ours = p.grad
+        p.grad = g0.clone()
+        agc_reference_([p, p])
+        assert_bitwise_equal(ours, p.grad)
+    assert not torch.equal(ours, g0)  # negative control: it clipped
+
+
+def test_overlapping_views_are_clipped_in_list_order():
+    torch.set_num_threads(2)
+    base = torch.randn(6000, 200) * 0.05  # two views of 4000 rows: large enough to run threaded
+    weights = [torch.nn.Parameter(torch.randn(4000, 200)) for _ in range(2)]
+    views = (slice(0, 4000), slice(2000, 6000))
+    ours_base, ref_base = base.clone(), base.clone()
+    for w, rows in zip(weights, views):
+        w.grad = ours_base[rows]
+    fastclip.adaptive_grad_clip_(weights)
+    for w, rows in zip(weights, views):
+        w.grad = ref_base[rows]
+    agc_reference_(weights)
+    assert_bitwise_equal(ours_base, ref_base)
+    assert not torch.equal(ours_base, base)  # negative control: it clipped
+
+
+def test_rounds_keep_overlapping_pairs_in_list_order():
+    w = torch.zeros(10)
+    a, b = torch.zeros(10), torch.zeros(10)
+    buf = torch.zeros(30)
+    c, d = buf[:20], buf[10:]
+    pairs = [(w, a), (w, b), (w, a), (w, c), (w, d), (w, a)]
+    rounds = A._rounds(pairs)
+    ids = [[next(i for i, q in enumerate(pairs) if q is pair) for pair in r] for r in rounds]
+    assert ids == [[0, 1, 3], [2, 4], [5]]
+    assert A._rounds(pairs[:2]) == [pairs[:2]]  # no shared memory: one round
+
+
 def test_torch_fallback_matches_kernels():
     """The torch-ops path (devices without a kernel) gives the kernels' results."""
     for dtype in ALL_DTYPES:
