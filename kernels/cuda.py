@@ -170,8 +170,10 @@ else:
     from numba.cuda import types
     from numba.cuda.extending import intrinsic
 
-    # Grads, tables and scratch all live in global memory: typed pointers in address space 1
-    # give plain ld.global/st.global instead of generic loads.
+    # Grads, tables and scratch all live in global memory: pointers typed in address space 1.
+    # The 16-byte vector paths are inline ld.global/st.global; for per-element accesses (tails,
+    # misaligned views) NVVM still emits many generic ld/st (seen in the sm_90 PTX), which
+    # reach the same memory; whether that costs anything is for a GPU run of the flat-views set.
     _GLOBAL = 1
 
     def _pointer_intrinsic(element):
