@@ -68,18 +68,30 @@ SETS = {
     "gpt2-xl-1.5b": (lambda: gpt2_shapes(1600, 48), torch.float32),
     "gpt2-xl-1.5b-bf16": (lambda: gpt2_shapes(1600, 48), torch.bfloat16),
     "many-small": (many_small_shapes, torch.float32),
+    # GPT-2 124M's grads as views into one flat buffer starting one element in, as a flat
+    # bucket can lay them out: dense, read in place, none 16-byte aligned (the per-element path).
+    "gpt2-124m-flat-odd": (gpt2_shapes, torch.float32),
 }
-DEFAULT_SETS = "gpt2-124m,gpt2-xl-1.5b,gpt2-xl-1.5b-bf16,many-small"
+FLAT_OFFSET = {"gpt2-124m-flat-odd": 1}
+DEFAULT_SETS = "gpt2-124m,gpt2-xl-1.5b,gpt2-xl-1.5b-bf16,many-small,gpt2-124m-flat-odd"
 
 
 def make_set(name: str, device) -> tuple:
     """(params, grads): each param is a zero-storage placeholder (a 0-d tensor expanded to the
     shape) carrying a real, separately allocated ``.grad``, as a model's parameters do."""
     shapes_fn, dtype = SETS[name]
+    shapes = shapes_fn()
+    flat, offset = None, FLAT_OFFSET.get(name)
+    if offset is not None:
+        flat = torch.empty(offset + sum(math.prod(s) for s in shapes), dtype=dtype, device=device)
     params, grads = [], []
-    for i, shape in enumerate(shapes_fn()):
+    for i, shape in enumerate(shapes):
         g = torch.Generator(device=device).manual_seed(i)
         grad = (torch.randn(shape, device=device, generator=g) * 1e-3).to(dtype)
+        if flat is not None:
+            view = flat[offset:offset + grad.numel()].view(shape)
+            view.copy_(grad)
+            grad, offset = view, offset + grad.numel()
         p = torch.zeros((), dtype=dtype, device=device).expand(shape)
         p.grad = grad
         params.append(p)
