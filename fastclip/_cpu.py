@@ -18,6 +18,9 @@ from fastclip._table import TensorTable
 from fastclip.kernels import cpu as K
 from fastclip.kernels.layout import ChunkTable, build_chunk_table, norm_kind
 
+# Power sums come back as host floats, and coefficients are applied as host floats.
+RESULTS_ON_HOST = True
+
 # Below this many elements one thread finishes before the others would have woken up.
 PARALLEL_MIN_ELEMENTS = 1 << 21
 

@@ -43,6 +43,9 @@ ARENA_WORDS = 1 << 17  # int64 words of pinned memory per arena block (1 MiB)
 # numba's dispatcher; False selects the dispatcher (tests, or if a numba-cuda release breaks it).
 FAST_LAUNCH = True
 
+# Results stay on the device as tensors; coefficients are read by the kernels where they live.
+RESULTS_ON_HOST = False
+
 _lock = threading.Lock()
 _cache: "OrderedDict[tuple, _DeviceTable]" = OrderedDict()
 _available: Optional[bool] = None

@@ -126,7 +126,10 @@ class Plan:
 
     @property
     def host_only(self) -> bool:
-        return all(s.device.type == "cpu" for s in self.sets)
+        """True when every backend returns host floats (the CPU's): the coefficient may then
+        be computed on the host. Decided by the backend, never by the device, so that the CUDA
+        backend takes its no-sync path in the simulator too, where its tensors are CPU tensors."""
+        return all(s.backend.RESULTS_ON_HOST for s in self.sets)
 
     def power_sums(self, p: float, count_nonfinite: bool = False) -> list:
         """One read pass on each device; a list of each backend's ``PowerSums``."""
@@ -170,7 +173,7 @@ class Plan:
         """Multiply every tensor by ``coef`` (a 0-d tensor, or a float for a host-only plan);
         the backends skip the pass when coef >= 1."""
         for s in self.sets:
-            if s.device.type == "cpu":
+            if s.backend.RESULTS_ON_HOST:
                 s.backend.scale_(s.table, coef if isinstance(coef, float) else coef.item())
             else:
                 s.backend.scale_(s.table, coef.to(s.device, non_blocking=True))

@@ -135,8 +135,8 @@ def scale_grads_(plan: Plan, factor: torch.Tensor) -> None:
     applies any factor in one pass, does the write there.
     """
     for s in plan.sets:
-        if s.device.type == "cpu":
-            f = float(factor)  # a CPU tensor: no sync
+        if s.backend.RESULTS_ON_HOST:
+            f = float(factor)  # the CPU kernels take a host float
             if f > 1.0:
                 torch._foreach_mul_(s.table.tensors, f)
             else:

@@ -15,6 +15,8 @@ from fastclip import _cpu, _plan
 
 
 class DeviceStyleBackend:
+    RESULTS_ON_HOST = False  # like a GPU backend: the callers take their tensor-only branches
+
     @staticmethod
     def power_sums(table, p, count_nonfinite=False):
         r = _cpu.power_sums(table, p, count_nonfinite)

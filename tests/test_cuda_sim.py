@@ -420,3 +420,62 @@ def test_expanded_grad_is_refused_before_any_write(cuda_backend, call):
             fastclip.clip_grad_value_(params, 1e-3)
     for g, b in zip(grads, before):
         assert_bitwise_equal(g, b)
+
+
+# --- no host reads: the CUDA backend's calls never read a tensor value back ---------------------
+
+
+def _guarded_calls():
+    """Every fastclip call with a CUDA path, as (name, call(params)); each must read nothing."""
+    def stats_clip(params):
+        fastclip.clip_grad_norm_(params, 0.5, stats=fastclip.ClipStats())
+
+    def amp(params):
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        scaler.scale(torch.zeros(()))  # creates the scale tensor
+        params = [p for p in params if p.grad.dtype != torch.float16]  # GradScaler refuses fp16
+        fastclip.unscale_and_clip_(scaler, torch.optim.SGD(params, lr=0.1), 0.5)
+
+    def clipper(params):
+        c = fastclip.GradClipper(params, max_norm=0.5, policy=fastclip.ZClip(warmup=2), nonfinite="skip")
+        for _ in range(4):
+            c.step()
+
+    return [
+        ("clip_grad_norm_", lambda ps: fastclip.clip_grad_norm_(ps, 0.5)),
+        ("clip_grad_norm_ p=3", lambda ps: fastclip.clip_grad_norm_(ps, 0.5, norm_type=3.0)),
+        ("clip_grad_norm_ stats", stats_clip),
+        ("get_total_norm inf", lambda ps: fastclip.get_total_norm([p.grad for p in ps], "inf")),
+        ("clip_grads_with_norm_",
+         lambda ps: fastclip.clip_grads_with_norm_(ps, 0.5, torch.tensor(7.0))),
+        ("clip_grad_value_", lambda ps: fastclip.clip_grad_value_(ps, 0.1)),
+        ("unscale_and_clip_", amp),
+        ("GradClipper.step", clipper),
+    ]
+
+
+@needs_sim
+@pytest.mark.parametrize("name, call", _guarded_calls(), ids=[n for n, _ in _guarded_calls()])
+def test_no_host_reads_on_the_cuda_backend(cuda_backend, name, call):
+    """``set_sync_debug_mode("error")`` needs a GPU; this catches the same reads (``.item()``,
+    ``bool(t)``, ``.cpu()``, ...) in CI, on the CUDA backend's real code path in the simulator.
+    The backend is chosen per call, never by device type, so nothing here differs from a GPU run
+    except the tensors' home."""
+    from host_reads import NoHostReads
+
+    params = _params(_grads())
+    before = [p.grad.clone() for p in params]
+    with NoHostReads():
+        call(params)
+    assert any(not torch.equal(p.grad, b) for p, b in zip(params, before)) or "norm" in name
+
+
+@needs_sim
+def test_the_host_read_guard_sees_the_one_allowed_sync(cuda_backend):
+    """Negative control: ``error_if_nonfinite=True`` must read the norm (torch syncs there too),
+    and the guard catches that read."""
+    from host_reads import HostReadError, NoHostReads
+
+    params = _params(_grads())
+    with NoHostReads(), pytest.raises(HostReadError, match="__bool__"):
+        fastclip.clip_grad_norm_(params, 0.5, error_if_nonfinite=True)
