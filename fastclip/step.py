@@ -4,7 +4,9 @@ torch's fused optimizers (``Adam``, ``AdamW``, ``SGD``, ``Adagrad`` with ``fused
 each grad by ``optimizer.grad_scale`` and skip the update when ``optimizer.found_inf`` is 1: the
 mechanism ``GradScaler.step`` uses to unscale inside the step. Clipping by ``coef`` is a division
 by ``1/coef``, so after the norm's read pass the coefficient (times the AMP scale) rides on that
-mechanism, and fastclip never writes the grads. Other optimizers get clip, then step.
+mechanism, and fastclip never writes the grads. Other optimizers get clip, then step, and so
+does a fused optimizer that torch does not mark as reading ``grad_scale``
+(``_step_supports_amp_scaling``): fused Adagrad is marked in torch 2.13, not in 2.11.
 """
 
 from __future__ import annotations

@@ -22,6 +22,16 @@ OPTIMIZERS = {
     "sgd": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9),
 }
 FUSED = [name for name in OPTIMIZERS if name.endswith("-fused")]
+
+
+def _marked_amp_aware(name: str) -> bool:
+    """Whether this torch marks the optimizer's step as reading ``grad_scale`` (torch 2.13's fused
+    Adagrad is marked; 2.11's is not, and GradScaler unscales its grads itself)."""
+    opt = OPTIMIZERS[name]([torch.nn.Parameter(torch.ones(2))])
+    return bool(getattr(opt, "_step_supports_amp_scaling", False))
+
+
+AMP_AWARE = [name for name in FUSED if _marked_amp_aware(name)]
 STEPS = 8
 INF_STEP = 3  # not the first: torch's fused SGD leaves its momentum buffer unset on a skipped first step
 MAX_NORM = 0.5
@@ -68,7 +78,8 @@ def _sequence(clip_fn):
 
 def test_fused_optimizers_are_recognized():
     p = [torch.nn.Parameter(torch.ones(2))]
-    assert all(reads_grad_scale(OPTIMIZERS[name](p)) for name in FUSED)
+    assert {"adam-fused", "adamw-fused", "sgd-fused"} <= set(AMP_AWARE)
+    assert [name for name in FUSED if reads_grad_scale(OPTIMIZERS[name](p))] == AMP_AWARE
     assert not any(reads_grad_scale(OPTIMIZERS[name](p)) for name in ("adam", "sgd"))
     mixed = torch.optim.Adam(p, lr=0.1, fused=True)
     mixed.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "fused": False})
@@ -141,7 +152,7 @@ def test_unclipped_run_differs_beyond_tolerance():
             torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", FUSED)
+@pytest.mark.parametrize("name", AMP_AWARE)
 def test_fused_path_never_rewrites_grads(name, monkeypatch):
     """The fused path reads the grads once and leaves the write to the optimizer's step."""
     def forbidden(*args, **kwargs):
@@ -151,6 +162,29 @@ def test_fused_path_never_rewrites_grads(name, monkeypatch):
     monkeypatch.setattr(torch, "_foreach_mul_", forbidden)
     _train(name, False, _ours, steps=2)
     _train(name, True, _ours, steps=2)
+
+
+@pytest.mark.parametrize("use_scaler", [False, True], ids=["plain", "amp"])
+def test_a_fused_step_torch_does_not_mark_amp_aware_gets_clipped_grads(use_scaler, monkeypatch):
+    """A fused optimizer whose step torch does not mark as reading ``grad_scale`` (fused Adagrad
+    before torch 2.13, say) is not handed one: its grads are clipped (and unscaled) in place,
+    then it steps, and the params are torch's clip-then-step params."""
+    monkeypatch.setitem(OPTIMIZERS, "adagrad-unmarked", lambda ps: _unmarked(
+        torch.optim.Adagrad(ps, lr=0.05, fused=True)))
+    calls = []
+    scale_ = _cpu.scale_
+    monkeypatch.setattr(_cpu, "scale_", lambda *a: (calls.append(1), scale_(*a)))
+    ours, _, opt, _ = _train("adagrad-unmarked", use_scaler, _ours)
+    assert not reads_grad_scale(opt) and calls  # the grads were written by fastclip
+    ref, _, _, _ = _train("adagrad-unmarked", use_scaler, _sequence(torch.nn.utils.clip_grad_norm_))
+    for step, (a, b) in enumerate(zip(ours, ref)):
+        for pa, pb in zip(a, b):
+            torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=f"step {step}")
+
+
+def _unmarked(opt):
+    opt._step_supports_amp_scaling = False
+    return opt
 
 
 def test_non_fused_path_clips_then_steps(monkeypatch):
