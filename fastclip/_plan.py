@@ -140,6 +140,9 @@ class Plan:
         float64 tensor on the first device (no host sync)."""
         if all(isinstance(t, float) for t in totals):
             return nan_max(totals) if p == math.inf else math.fsum(totals)
+        if len(totals) == 1 and isinstance(totals[0], torch.Tensor) and \
+                totals[0].device == self.first_device:
+            return totals[0]  # one device: its total as it is (no stack and sum to launch)
         stacked = torch.stack([torch.as_tensor(t, dtype=torch.float64).to(self.first_device).reshape(())
                                for t in totals])
         return stacked.amax() if p == math.inf else stacked.sum()
