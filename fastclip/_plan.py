@@ -142,7 +142,9 @@ class Plan:
             return nan_max(totals) if p == math.inf else math.fsum(totals)
         if len(totals) == 1 and isinstance(totals[0], torch.Tensor) and \
                 totals[0].device == self.first_device:
-            return totals[0]  # one device: its total as it is (no stack and sum to launch)
+            # One device: its total as it is, no stack and sum to launch. It may be a view into
+            # the backend's result buffer; nothing writes to it (all-reduces work on a copy).
+            return totals[0]
         stacked = torch.stack([torch.as_tensor(t, dtype=torch.float64).to(self.first_device).reshape(())
                                for t in totals])
         return stacked.amax() if p == math.inf else stacked.sum()

@@ -2,8 +2,10 @@
 
 On a GPU such a read (``.item()``, ``bool(t)``, ``.tolist()``, ``.cpu()``, ...) waits for the
 device: a host sync. ``torch.cuda.set_sync_debug_mode("error")`` catches those on a GPU only;
-this guard catches the same reads at the Python level on any machine, so the device code paths
-(the CUDA backend in numba's simulator, or a device-style stand-in) are checked in CI.
+this guard catches the value reads made through torch's Python API on any machine, so the
+device code paths (the CUDA backend in numba's simulator, or a device-style stand-in) are checked
+in CI. It cannot see a copy to the host (``.to("cpu")``: a no-op on the simulator's CPU tensors)
+or memory read through a raw address.
 """
 
 from __future__ import annotations

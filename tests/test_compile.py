@@ -79,6 +79,47 @@ def test_each_call_under_compile_equals_the_eager_call(name):
         assert any(not torch.equal(a.grad, b.grad) for a, b in zip(ours, _params()))
 
 
+SAME_ARGUMENTS = {  # three fastclip functions called with arguments Dynamo cannot tell apart
+    "clip_grad_norm_": lambda ps: fastclip.clip_grad_norm_(ps, 0.1),
+    "clip_grad_value_": lambda ps: fastclip.clip_grad_value_(ps, 0.1),
+    "adaptive_grad_clip_": lambda ps: fastclip.adaptive_grad_clip_(ps, 0.1),
+}
+
+
+@pytest.mark.parametrize("as_generator", [False, True], ids=["list", "generator"])
+def test_fastclip_calls_compiled_side_by_side_stay_apart(as_generator):
+    """Compiled functions calling different fastclip functions with the same arguments, in one
+    process and alternating: each runs its own function. (Dynamo keys its caches on code objects;
+    while the wrappers shared one, a graph made for one call was reused for the next:
+    clip_grad_value_ ran clip_grad_norm_.)"""
+    compiled = {name: torch.compile(call, backend="eager") for name, call in SAME_ARGUMENTS.items()}
+    for _ in range(3):
+        for name, call in SAME_ARGUMENTS.items():
+            ours, eager = _twins()
+            arg = (p for p in ours) if as_generator else ours
+            out_c, out_e = compiled[name](arg), call(eager)
+            if out_e is not None:
+                assert_bitwise_equal(out_c, out_e)
+            for a, b in zip(ours, eager):
+                assert_bitwise_equal(a.grad, b.grad)
+
+
+def test_torch_without_a_disable_reason(monkeypatch):
+    """torch 2.6 and 2.7's ``torch.compiler.disable`` take no ``reason``: not passed there."""
+    from fastclip import _compile
+
+    monkeypatch.setattr(_compile, "_TAKES_REASON", False)
+    monkeypatch.setattr(_compile, "_DISABLED", {})
+    real = torch.compiler.disable
+    monkeypatch.setattr(torch.compiler, "disable", lambda fn, recursive=True: real(fn, recursive))
+    ours, eager = _twins()
+    torch.compile(CALLS["clip_grad_value_"], backend="eager")(ours)
+    CALLS["clip_grad_value_"](eager)
+    for a, b in zip(ours, eager):
+        assert_bitwise_equal(a.grad, b.grad)
+    assert len(_compile._DISABLED) == 1
+
+
 def test_grad_clipper_step_under_compile():
     ours, eager = _twins()
     clippers = [fastclip.GradClipper(ps, max_norm=0.5, policy=fastclip.ZClip(warmup=2))

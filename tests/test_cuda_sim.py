@@ -426,7 +426,10 @@ def test_expanded_grad_is_refused_before_any_write(cuda_backend, call):
 
 
 def _guarded_calls():
-    """Every fastclip call with a CUDA path, as (name, call(params)); each must read nothing."""
+    """The fastclip calls whose CUDA path goes through ``Plan``'s backends, as (name,
+    call(params)); each must read nothing. Not here: ``clip_and_step`` (torch's own CPU optimizer
+    step reads values in the simulator), AGC and ``nonfinite="zero"`` (they pick their CUDA
+    kernels by device type; the GPU tests check them under sync-debug "error")."""
     def stats_clip(params):
         fastclip.clip_grad_norm_(params, 0.5, stats=fastclip.ClipStats())
 
