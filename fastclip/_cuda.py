@@ -313,6 +313,25 @@ def host_table(table: TensorTable, chunk_size: Optional[int] = None, readonly=()
     return host.astype(np.int64, copy=False), int(lengths.shape[0]), chunks.n_chunks
 
 
+def upload_int64(host: np.ndarray, device: torch.device, capturing: Optional[bool] = None) -> torch.Tensor:
+    """A new int64 tensor on the CUDA ``device`` holding ``host``, copied asynchronously on the
+    current stream from pinned memory. While the stream is being captured the pinned memory comes
+    from the arena and is never reused, so the captured copy reads the same bytes at every
+    replay; otherwise torch's pinned allocator keeps the buffer until the copy has run."""
+    if capturing is None:
+        capturing = _capturing(device)
+    n = host.shape[0]
+    if capturing:
+        pinned = _arena.take(n)
+    else:
+        _arena.reserve()
+        pinned = torch.empty(n, dtype=torch.int64, pin_memory=True)
+    pinned.numpy()[:] = host
+    out = torch.empty(n, dtype=torch.int64, device=device)
+    out.copy_(pinned, non_blocking=True)
+    return out
+
+
 def _upload(table: TensorTable, device: torch.device, stream: int, capturing: bool) -> _DeviceTable:
     # Blocks write their chunks concurrently: memory listed twice would race (torch scales it
     # twice, one multiply after the other), so its later listings are left to torch.
@@ -323,15 +342,7 @@ def _upload(table: TensorTable, device: torch.device, stream: int, capturing: bo
         table_tensor = torch.from_numpy(host)
         scratch = torch.zeros(slots, dtype=torch.int64)
     else:
-        if capturing:
-            pinned = _arena.take(host.shape[0])
-        else:
-            _arena.reserve()
-            # torch's pinned allocator keeps the buffer until the copy has run: it can be dropped.
-            pinned = torch.empty(host.shape[0], dtype=torch.int64, pin_memory=True)
-        pinned.numpy()[:] = host
-        table_tensor = torch.empty(host.shape[0], dtype=torch.int64, device=device)
-        table_tensor.copy_(pinned, non_blocking=True)
+        table_tensor = upload_int64(host, device, capturing)
         scratch = torch.zeros(slots, dtype=torch.int64, device=device)
     grid = max(1, min(nc, _max_blocks(device)))
     torch_written = sorted(set(table.strided) | set(overlapping.tolist()))
@@ -458,4 +469,4 @@ def fused_clip_(table: TensorTable, p: float, max_norm: float, dtype: torch.dtyp
 
 
 __all__ = ["PowerSums", "is_available", "power_sums", "scale_", "clamp_", "fused_norm",
-           "fused_clip_", "device_table", "host_table", "clear_cache", "launch_path"]
+           "fused_clip_", "device_table", "host_table", "clear_cache", "launch_path", "upload_int64"]

@@ -16,8 +16,10 @@ On the CPU and on CUDA, one call runs one fused pass (two when a unit is longer 
 over a table of every parameter and grad: float64 norms, per-unit factors, and the scaling of
 the clipped rows, with no host synchronization on CUDA. Grads that share memory (one grad under
 two parameters, overlapping views) are clipped in list order, in successive calls, as the
-formula applied parameter after parameter does. Other devices run the same formula in torch ops. On CUDA each call uploads its table from pageable host memory, so a call cannot be
-captured in a CUDA graph.
+formula applied parameter after parameter does. Other devices run the same formula in torch ops.
+On CUDA each call uploads its table from pinned memory on torch's current stream, as
+``clip_grad_norm_`` does, so that a call can be captured in a CUDA graph (after one eager call
+has compiled and loaded the kernels).
 """
 
 from __future__ import annotations
@@ -198,10 +200,16 @@ def _cuda_kernels():
 def _run_cuda(kernels, pairs, device: torch.device, clipping: float, eps: float) -> torch.Tensor:
     from numba import cuda
 
+    from fastclip._cuda import upload_int64
+
     table = _Table(pairs)
+    keep = []
 
     def to_device(a: np.ndarray):
-        return cuda.as_cuda_array(torch.from_numpy(a).to(device, non_blocking=True), sync=False)
+        # Pinned (and, under capture, never reused) host memory: a pageable upload cannot be
+        # captured in a CUDA graph.
+        keep.append(upload_int64(a, device))
+        return cuda.as_cuda_array(keep[-1], sync=False)
 
     out = []
 

@@ -65,7 +65,8 @@ class GradClipper:
             clipper.skipped:``) synchronizes with the GPU.
         found_nonfinite: 0-d bool tensor: the last step's norm was inf or NaN (any mode).
         threshold: 0-d tensor: the threshold the last step used.
-        steps: number of steps taken (a Python int).
+        steps: number of steps taken, CUDA graph replays included (a Python int read back from
+            the device counter: a synchronization on CUDA).
 
     Example:
         >>> import torch, fastclip
@@ -118,7 +119,6 @@ class GradClipper:
         if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
             raise ValueError(f"{fn}: `window` must be an integer >= 1, got {window!r}")
         self.window = int(window)
-        self.steps = 0
         self._state: Optional[dict[str, torch.Tensor]] = None
         self._policy_state: Optional[dict[str, torch.Tensor]] = None
         self.skipped = torch.tensor(False)
@@ -167,15 +167,19 @@ class GradClipper:
         if self.nonfinite == "zero":
             _zero_if_nonfinite(grads, finite)
 
-        # A few small ops on the device, no read back (int64 += bool promotes in place).
+        # A few small ops on the device, no read back (int64 += bool promotes in place). Every
+        # update is in place and indexed by the device step counter, never by a Python int, so a
+        # replay of a captured step updates the history as an eager step would.
         bad = ~finite
-        state["norms"][self.steps % self.window] = torch.where(finite, norm, math.nan)
+        slot = torch.remainder(state["step"], self.window).reshape(1)
+        state["norms"].index_copy_(0, slot, torch.where(finite, norm, math.nan).to(torch.float64)
+                                   .reshape(1))
         state["clipped"] += finite & (coef < 1.0)
         state["nonfinite"] += bad
+        state["step"] += 1
         self.found_nonfinite = bad
         self.skipped = bad if self.nonfinite == "skip" else state["false"]
         self.threshold = threshold
-        self.steps += 1
         return norm
 
     def _threshold(self, norm: torch.Tensor, finite: torch.Tensor):
@@ -190,13 +194,15 @@ class GradClipper:
             if fixed.dtype != norm.dtype:
                 fixed = self._state["fixed"] = fixed.to(norm.dtype)
             return cap, fixed
-        value = self.policy.threshold(self._policy_state, self.steps, norm.to(torch.float64), finite)
+        value = self.policy.threshold(self._policy_state, self._state["step"],
+                                      norm.to(torch.float64), finite)
         value = torch.where(value.isnan(), cap, torch.clamp(value, max=cap)).to(norm.dtype)
         return value, value
 
     def _ensure_state(self, device: torch.device) -> dict[str, torch.Tensor]:
         if self._state is None:
             self._state = {
+                "step": torch.zeros((), dtype=torch.int64, device=device),  # steps taken
                 "norms": torch.full((self.window,), math.nan, dtype=torch.float64, device=device),
                 "clipped": torch.zeros((), dtype=torch.int64, device=device),
                 "nonfinite": torch.zeros((), dtype=torch.int64, device=device),
@@ -212,6 +218,12 @@ class GradClipper:
         return self._state
 
     # --- reporting ---------------------------------------------------------------------------
+
+    @property
+    def steps(self) -> int:
+        """Steps taken, replays of a captured step included (read back from the device: a
+        synchronization on CUDA)."""
+        return 0 if self._state is None else int(self._state["step"])
 
     def summary(self, percentiles: Sequence[float] = (0, 5, 25, 50, 75, 95, 100)) -> dict:
         """Statistics of the steps so far (reads them back to the host: not for every step).
@@ -235,14 +247,15 @@ class GradClipper:
         norms = self._state["norms"]
         values = torch.nanquantile(norms, torch.tensor([q / 100.0 for q in qs], dtype=torch.float64,
                                                        device=norms.device)) if qs else norms[:0]
-        host = torch.cat([values, torch.stack([self._state["clipped"].double(),
+        host = torch.cat([values, torch.stack([self._state["step"].double(),
+                                               self._state["clipped"].double(),
                                                self._state["nonfinite"].double(),
                                                self.threshold.double().to(norms.device)])]).tolist()
-        clipped, nonfinite, threshold = int(host[-3]), int(host[-2]), host[-1]
+        steps, clipped, nonfinite, threshold = int(host[-4]), int(host[-3]), int(host[-2]), host[-1]
         return {
-            "steps": self.steps,
+            "steps": steps,
             "clipped_steps": clipped,
-            "clipped_fraction": clipped / self.steps if self.steps else 0.0,
+            "clipped_fraction": clipped / steps if steps else 0.0,
             "nonfinite_steps": nonfinite,
             "norm_percentiles": dict(zip(qs, host[:len(qs)])),
             "threshold": threshold,
@@ -289,7 +302,9 @@ class GradClipper:
         copy = (lambda d: None if d is None else {k: v.clone() for k, v in d.items()})
         self._state = copy(state_dict["state"])
         self._policy_state = copy(state_dict["policy_state"])
-        self.steps = int(state_dict["steps"])
+        if self._state is not None and "step" not in self._state:  # saved before the counter existed
+            self._state["step"] = torch.tensor(int(state_dict["steps"]), dtype=torch.int64,
+                                               device=self._state["norms"].device)
         self.threshold = state_dict["threshold"].clone()
         device = self.threshold.device
         self.skipped = torch.zeros((), dtype=torch.bool, device=device)
@@ -364,12 +379,16 @@ def _zero_cuda(kernels, grads: list[torch.Tensor], device: torch.device, finite:
     addrs = np.array([g.data_ptr() for g in dense], dtype=np.int64)
     codes = np.array([DTYPE_CODES[g.dtype] for g in dense], dtype=np.int64)
     lengths = np.array([g.numel() for g in dense], dtype=np.int64)
+    from fastclip._cuda import upload_int64
+
+    keep = []
     with cuda.gpus[device.index if device.index is not None else torch.cuda.current_device()]:
         stream = cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
         flag = cuda.as_cuda_array(flag_t, sync=False)
 
         def to_device(a):
-            return cuda.as_cuda_array(torch.from_numpy(a).to(device, non_blocking=True), sync=False)
+            keep.append(upload_int64(a, device))  # pinned: capturable in a CUDA graph
+            return cuda.as_cuda_array(keep[-1], sync=False)
 
         kernels.run_zero_if(flag, addrs, codes, lengths, to_device, stream)
 

@@ -48,12 +48,14 @@ class ClipPolicy:
         """Fresh running state, as tensors on ``device``."""
         raise NotImplementedError
 
-    def threshold(self, state: dict[str, torch.Tensor], step: int, norm: torch.Tensor,
+    def threshold(self, state: dict[str, torch.Tensor], step: torch.Tensor, norm: torch.Tensor,
                   finite: torch.Tensor) -> torch.Tensor:
         """Update ``state`` with this step's ``norm``; return this step's float64 threshold.
 
-        ``step`` counts the clipper's steps from 0. The threshold may be NaN (no history yet) or
-        inf (no clipping); ``GradClipper`` then falls back to its ``max_norm``.
+        ``step`` counts the clipper's steps from 0: a 0-d int64 tensor on the device. Update
+        ``state``'s tensors in place, and index them with ``step`` only through tensor ops, so
+        that a step captured in a CUDA graph replays correctly. The threshold may be NaN (no
+        history yet) or inf (no clipping); ``GradClipper`` then falls back to its ``max_norm``.
         """
         raise NotImplementedError
 
@@ -99,7 +101,8 @@ class AutoClip(ClipPolicy):
 
     def threshold(self, state, step, norm, finite):
         norms = state["norms"]
-        norms[step % self.history] = torch.where(finite, norm, NAN)
+        norms.index_copy_(0, torch.remainder(step, self.history).reshape(1),
+                          torch.where(finite, norm, NAN).reshape(1))
         return torch.nanquantile(norms, self.percentile / 100.0)
 
 
@@ -187,9 +190,12 @@ class ZClip(ClipPolicy):
         init_dev = warm - init_mean
         init_var = (init_dev * init_dev).cumsum(0)[-1] / self.warmup
 
-        state["count"] = count
-        state["mean"] = torch.where(done, init_mean, torch.where(update, new_mean, mean))
-        state["var"] = torch.where(done, init_var, torch.where(update, new_var, var))
+        # In place (after every read of the old values): a captured step replays correctly.
+        new_mean = torch.where(done, init_mean, torch.where(update, new_mean, mean))
+        new_var = torch.where(done, init_var, torch.where(update, new_var, var))
+        state["count"].copy_(count)
+        state["mean"].copy_(new_mean)
+        state["var"].copy_(new_var)
         return torch.where(spike, adaptive, torch.inf)
 
 

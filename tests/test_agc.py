@@ -489,3 +489,33 @@ def test_cuda_matches_cpu_and_never_syncs(dtype):
             torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=float64_rtol(unit_len(p.grad)), atol=0)
         else:
             assert_bitwise_equal(q.grad.cpu(), p.grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_replays_with_new_values():
+    """One eager call (compiles and loads the kernels), a capture, then replays with new grads
+    copied into the same buffers: each replay clips as an eager call on the CPU does."""
+    shapes = SHAPES + [(150_000,)]
+    cpu = make_params(shapes, torch.float32, seed=11)
+    gpu = []
+    for p in cpu:
+        q = torch.nn.Parameter(p.detach().cuda())
+        q.grad = p.grad.cuda()
+        gpu.append(q)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fastclip.adaptive_grad_clip_(gpu, 0.01)  # warm-up, as torch advises before capturing
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fastclip.adaptive_grad_clip_(gpu, 0.01)
+    for seed in (12, 13):
+        fresh = make_params(shapes, torch.float32, seed=seed)
+        for q, p in zip(gpu, fresh):
+            q.grad.copy_(p.grad)
+        graph.replay()
+        agc_reference_(fresh, 0.01)
+        for q, p in zip(gpu, fresh):
+            assert_bitwise_equal(q.grad.cpu(), p.grad)

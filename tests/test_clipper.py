@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.utils.clip_grad as torch_clip
+from torch.overrides import TorchFunctionMode
 
 import fastclip
 from fastclip import AutoClip, GradClipper, ZClip
@@ -311,6 +312,110 @@ def test_step_never_reads_device_values(monkeypatch, policy, mode):
     assert clipper.summary()["steps"] == 8
 
 
+# --- ready for CUDA graph capture: replays must do what eager steps do ---------------------------
+
+
+class _OpTrace(TorchFunctionMode):
+    """Records each torch call as (name, its non-tensor arguments, its tensors' shapes/dtypes),
+    except those made inside a stand-in backend (a real one runs kernels, not torch ops)."""
+
+    paused = 0
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _OpTrace.paused:
+            return func(*args, **kwargs)
+
+        def describe(x):
+            if isinstance(x, torch.Tensor):
+                return ("tensor", tuple(x.shape), x.dtype)
+            if isinstance(x, (list, tuple)):
+                return tuple(describe(y) for y in x)
+            return x if isinstance(x, (int, float, bool, str, type(None), torch.dtype)) else type(x)
+
+        name = getattr(func, "__qualname__", repr(func))
+        self.ops.append((name, describe(args), tuple(sorted((k, describe(v)) for k, v in kwargs.items()))))
+        return func(*args, **kwargs)
+
+
+def _untraced(fn):
+    def call(*args, **kwargs):
+        _OpTrace.paused += 1
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _OpTrace.paused -= 1
+    return call
+
+
+class _UntracedBackend(DeviceStyleBackend):
+    power_sums = staticmethod(_untraced(DeviceStyleBackend.power_sums))
+    scale_ = staticmethod(_untraced(DeviceStyleBackend.scale_))
+
+
+def _state_tensors(clipper):
+    return {**clipper._state, **{f"policy.{k}": v for k, v in (clipper._policy_state or {}).items()}}
+
+
+@pytest.mark.parametrize("policy", [None, AutoClip(history=5), ZClip(warmup=3)],
+                         ids=["fixed", "autoclip", "zclip"])
+def test_steps_are_replayable(monkeypatch, policy):
+    """A CUDA graph replays the tensor ops of the captured step on the same memory. So after the
+    first step, (1) every step issues the same torch ops with the same Python constants (no
+    Python counter in an index, no branch on a value) and (2) the clipper's state tensors are
+    updated in place (a rebinding would leave a replay reading stale state). Checked here with
+    the device-style backend, for finite, spiking and NaN steps."""
+    from fastclip import _plan
+
+    monkeypatch.setattr(_plan, "_backend_for", lambda device: _UntracedBackend)
+    params = make_params()
+    clipper = GradClipper(params, max_norm=2.0, policy=policy, nonfinite="skip", window=4)
+    set_grads(params, grads_at(0))
+    clipper.step()  # the warm-up step (allocates the state), as before a capture
+    state = _state_tensors(clipper)
+    pointers = {k: v.data_ptr() for k, v in state.items()}
+    traces = []
+    for step in range(1, 9):
+        set_grads(params, grads_at(step, spikes=(6,), bad=math.nan if step == 4 else None))
+        with _OpTrace() as trace:
+            clipper.step()
+        traces.append(trace.ops)
+    assert all(t == traces[0] for t in traces[1:])
+    assert _state_tensors(clipper).keys() == state.keys()
+    for k, v in _state_tensors(clipper).items():
+        assert v is state[k] and v.data_ptr() == pointers[k], k
+    assert clipper.steps == 9
+
+
+def test_the_op_trace_sees_a_python_index():
+    """Negative control for the test above: a Python int in an index shows in the trace."""
+    buf = torch.zeros(4)
+    traces = []
+    for i in range(2):
+        with _OpTrace() as trace:
+            buf[i % 4] = 1.0
+        traces.append(trace.ops)
+    assert traces[0] != traces[1]
+
+
+def test_checkpoint_without_the_step_counter_loads():
+    """A state saved before the device step counter existed resumes with its step count."""
+    params = make_params()
+    clipper = GradClipper(params, max_norm=1.0, policy=AutoClip(history=3))
+    for step in range(4):
+        set_grads(params, grads_at(step))
+        clipper.step()
+    state = clipper.state_dict()
+    del state["state"]["step"]
+    resumed = GradClipper(make_params(), max_norm=1.0, policy=AutoClip(history=3))
+    resumed.load_state_dict(state)
+    assert resumed.steps == 4 and resumed.summary() == clipper.summary()
+
+
 # --- summary -----------------------------------------------------------------------------------
 
 
@@ -519,3 +624,62 @@ def test_cuda_matches_cpu_and_never_syncs(policy, mode):
             torch.testing.assert_close(a, b, rtol=2e-6, atol=0, equal_nan=True)
     assert runs["cuda"][1]["clipped_steps"] == runs["cpu"][1]["clipped_steps"]
     assert runs["cuda"][1]["nonfinite_steps"] == runs["cpu"][1]["nonfinite_steps"] == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("policy", [None, AutoClip(history=5), ZClip(warmup=3)],
+                         ids=["fixed", "autoclip", "zclip"])
+@pytest.mark.parametrize("mode", ["propagate", "skip", "zero"])
+def test_cuda_graph_replays_step_like_eager_steps(policy, mode):
+    """Steps 0-1 eager (the second on a side stream, as torch advises before capturing), step 2
+    captured, steps 3-9 replays with each step's grads copied into the same buffers: norms,
+    grads, thresholds, flags and the summary match an eager CPU clipper's."""
+    steps = 10
+    cpu_params = make_params()
+    cpu_clipper = GradClipper(cpu_params, max_norm=2.0, policy=policy, nonfinite=mode)
+    expected = []
+    for step in range(steps):
+        set_grads(cpu_params, grads_at(step, spikes=(7,), bad=math.nan if step == 5 else None))
+        norm = cpu_clipper.step()
+        expected.append((norm, [p.grad.clone() for p in cpu_params], cpu_clipper.threshold.clone(),
+                         cpu_clipper.skipped.clone()))
+
+    params = [p.cuda().detach().requires_grad_() for p in make_params()]
+    clipper = GradClipper(params, max_norm=2.0, policy=policy, nonfinite=mode)
+    for p, g in zip(params, grads_at(0, spikes=(7,))):
+        p.grad = g.cuda()
+
+    def load(step):
+        for p, g in zip(params, grads_at(step, spikes=(7,), bad=math.nan if step == 5 else None)):
+            p.grad.copy_(g)
+
+    got = []
+    clipper.step()
+    got.append(None)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        load(1)
+        got.append(clipper.step())
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    load(2)
+    with torch.cuda.graph(graph):
+        norm = clipper.step()
+    for step in range(2, steps):
+        if step > 2:
+            load(step)
+        graph.replay()  # the capture did not run the step: replay 2 is step 2
+        torch.cuda.synchronize()
+        e_norm, e_grads, e_threshold, e_skipped = expected[step]
+        torch.testing.assert_close(norm.cpu(), e_norm, rtol=1e-6, atol=0, equal_nan=True)
+        torch.testing.assert_close(clipper.threshold.cpu().to(e_threshold.dtype), e_threshold,
+                                   rtol=1e-6, atol=0, equal_nan=True)
+        assert bool(clipper.skipped) == bool(e_skipped)
+        for p, e in zip(params, e_grads):
+            torch.testing.assert_close(p.grad.cpu(), e, rtol=2e-6, atol=0, equal_nan=True)
+    summary, e_summary = clipper.summary(), cpu_clipper.summary()
+    assert summary["steps"] == e_summary["steps"] == steps
+    assert summary["clipped_steps"] == e_summary["clipped_steps"]
+    assert summary["nonfinite_steps"] == e_summary["nonfinite_steps"] == 1
