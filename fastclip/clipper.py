@@ -282,6 +282,9 @@ class GradClipper:
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore ``state_dict()``; the clipper must be configured as the one that saved it.
 
+        A clipper that has stepped already receives the values in its own state tensors (copied in
+        place, to their device), so a CUDA graph captured before the load stays valid.
+
         Raises:
             ValueError: the checkpoint comes from a clipper with other arguments (``max_norm``,
                 ``norm_type``, ``nonfinite``, ``window`` or ``policy``), or is not a
@@ -299,12 +302,12 @@ class GradClipper:
             diff = ", ".join(f"{k}: saved {saved.get(k)!r}, here {mine[k]!r}"
                              for k in mine if saved.get(k) != mine[k])
             raise ValueError(f"{fn}: `state_dict` comes from a clipper configured differently ({diff})")
-        copy = (lambda d: None if d is None else {k: v.clone() for k, v in d.items()})
-        self._state = copy(state_dict["state"])
-        self._policy_state = copy(state_dict["policy_state"])
-        if self._state is not None and "step" not in self._state:  # saved before the counter existed
-            self._state["step"] = torch.tensor(int(state_dict["steps"]), dtype=torch.int64,
-                                               device=self._state["norms"].device)
+        state = state_dict["state"]
+        if state is not None and "step" not in state:  # saved before the device counter existed
+            state = {"step": torch.tensor(int(state_dict["steps"]), dtype=torch.int64,
+                                          device=state["norms"].device), **state}
+        self._state = _load_into(self._state, state)
+        self._policy_state = _load_into(self._policy_state, state_dict["policy_state"])
         self.threshold = state_dict["threshold"].clone()
         device = self.threshold.device
         self.skipped = torch.zeros((), dtype=torch.bool, device=device)
@@ -314,6 +317,19 @@ class GradClipper:
         policy = "fixed" if self.policy is None else repr(self.policy)
         return (f"GradClipper(max_norm={self.max_norm}, norm_type={self.norm_type}, policy={policy}, "
                 f"nonfinite={self.nonfinite!r}, steps={self.steps})")
+
+
+def _load_into(current: Optional[dict], saved: Optional[dict]) -> Optional[dict]:
+    """``saved``'s values in ``current``'s tensors (in place) when they have the same keys, shapes
+    and dtypes; otherwise copies of ``saved``."""
+    if saved is None:
+        return None
+    if current is not None and current.keys() == saved.keys() and all(
+            current[k].shape == v.shape and current[k].dtype == v.dtype for k, v in saved.items()):
+        for k, v in saved.items():
+            current[k].copy_(v)
+        return current
+    return {k: v.clone() for k, v in saved.items()}
 
 
 def _coefficient(threshold: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
@@ -342,7 +358,8 @@ def _zero_if_nonfinite(grads: list[torch.Tensor], finite: torch.Tensor) -> None:
     """Zero every grad when ``finite`` is False, without reading it back from a GPU.
 
     On the CPU the flag is read (free). On CUDA a kernel reads the flag on the device and returns
-    at once when it is set; other devices read the flag back.
+    at once when it is set (without numba-cuda, torch's ``masked_fill_`` under the flag: a pass
+    per grad, still no read back); other devices read the flag back.
     """
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for g in grads:
@@ -356,6 +373,11 @@ def _zero_if_nonfinite(grads: list[torch.Tensor], finite: torch.Tensor) -> None:
             if kernels is not None:
                 _zero_cuda(kernels, members, device, finite)
                 continue
+            # No kernels: torch zeroes them under a device-side mask (no read back).
+            flag = (~finite).to(device).reshape(())
+            for g in members:
+                g.masked_fill_(flag, 0.0)
+            continue
         if host_flag is None:
             host_flag = bool(finite)
         if not host_flag:

@@ -52,9 +52,11 @@ class ClipPolicy:
                   finite: torch.Tensor) -> torch.Tensor:
         """Update ``state`` with this step's ``norm``; return this step's float64 threshold.
 
-        ``step`` counts the clipper's steps from 0: a 0-d int64 tensor on the device. Update
-        ``state``'s tensors in place, and index them with ``step`` only through tensor ops, so
-        that a step captured in a CUDA graph replays correctly. The threshold may be NaN (no
+        ``step`` counts the clipper's steps from 0: a 0-d int64 tensor on the device (comparing
+        it in Python, ``if step < n``, reads it back: a sync on CUDA). Update ``state``'s tensors
+        in place, and index them with ``step`` through ops such as ``index_copy_`` (torch reads a
+        0-d tensor used in ``[...]`` back to the host), so that a step captured in a CUDA graph
+        replays correctly. The threshold may be NaN (no
         history yet) or inf (no clipping); ``GradClipper`` then falls back to its ``max_norm``.
         """
         raise NotImplementedError

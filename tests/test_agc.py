@@ -513,8 +513,10 @@ def test_cuda_graph_replays_with_new_values():
         fastclip.adaptive_grad_clip_(gpu, 0.01)
     for seed in (12, 13):
         fresh = make_params(shapes, torch.float32, seed=seed)
-        for q, p in zip(gpu, fresh):
-            q.grad.copy_(p.grad)
+        with torch.no_grad():
+            for q, p in zip(gpu, fresh):  # AGC reads the weights too: both change
+                q.copy_(p)
+                q.grad.copy_(p.grad)
         graph.replay()
         agc_reference_(fresh, 0.01)
         for q, p in zip(gpu, fresh):

@@ -329,6 +329,13 @@ class _OpTrace(TorchFunctionMode):
         kwargs = kwargs or {}
         if _OpTrace.paused:
             return func(*args, **kwargs)
+        if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__):
+            index = args[1] if len(args) > 1 else None
+            for i in index if isinstance(index, tuple) else (index,):
+                if isinstance(i, torch.Tensor) and i.dim() == 0 and not i.is_floating_point() \
+                        and i.dtype != torch.bool:
+                    # torch reads such an index back to the host (a sync, illegal under capture)
+                    raise AssertionError("a 0-d integer tensor used as an index")
 
         def describe(x):
             if isinstance(x, torch.Tensor):
@@ -363,7 +370,8 @@ def _state_tensors(clipper):
 
 @pytest.mark.parametrize("policy", [None, AutoClip(history=5), ZClip(warmup=3)],
                          ids=["fixed", "autoclip", "zclip"])
-def test_steps_are_replayable(monkeypatch, policy):
+@pytest.mark.parametrize("mode", ["propagate", "skip"])
+def test_steps_are_replayable(monkeypatch, policy, mode):
     """A CUDA graph replays the tensor ops of the captured step on the same memory. So after the
     first step, (1) every step issues the same torch ops with the same Python constants (no
     Python counter in an index, no branch on a value) and (2) the clipper's state tensors are
@@ -373,7 +381,7 @@ def test_steps_are_replayable(monkeypatch, policy):
 
     monkeypatch.setattr(_plan, "_backend_for", lambda device: _UntracedBackend)
     params = make_params()
-    clipper = GradClipper(params, max_norm=2.0, policy=policy, nonfinite="skip", window=4)
+    clipper = GradClipper(params, max_norm=2.0, policy=policy, nonfinite=mode, window=4)
     set_grads(params, grads_at(0))
     clipper.step()  # the warm-up step (allocates the state), as before a capture
     state = _state_tensors(clipper)
@@ -392,7 +400,8 @@ def test_steps_are_replayable(monkeypatch, policy):
 
 
 def test_the_op_trace_sees_a_python_index():
-    """Negative control for the test above: a Python int in an index shows in the trace."""
+    """Negative controls for the test above: a Python int in an index shows in the trace, and a
+    0-d integer tensor index (read back by torch) is refused."""
     buf = torch.zeros(4)
     traces = []
     for i in range(2):
@@ -400,6 +409,27 @@ def test_the_op_trace_sees_a_python_index():
             buf[i % 4] = 1.0
         traces.append(trace.ops)
     assert traces[0] != traces[1]
+    with _OpTrace(), pytest.raises(AssertionError, match="0-d integer tensor"):
+        buf[torch.tensor(1)] = 2.0
+
+
+def test_load_state_dict_writes_into_the_existing_state():
+    """Loading into a clipper that has stepped copies into its state tensors (a CUDA graph
+    captured before the load keeps pointing at live, loaded state)."""
+    params = make_params()
+    saved = GradClipper(params, max_norm=1.0, policy=ZClip(warmup=2))
+    for step in range(5):
+        set_grads(params, grads_at(step))
+        saved.step()
+    target_params = make_params()
+    target = GradClipper(target_params, max_norm=1.0, policy=ZClip(warmup=2))
+    set_grads(target_params, grads_at(0))
+    target.step()
+    before = {k: (v, v.data_ptr()) for k, v in _state_tensors(target).items()}
+    target.load_state_dict(saved.state_dict())
+    for k, v in _state_tensors(target).items():
+        assert v is before[k][0] and v.data_ptr() == before[k][1], k
+    assert target.summary() == saved.summary() and target.steps == 5
 
 
 def test_checkpoint_without_the_step_counter_loads():
