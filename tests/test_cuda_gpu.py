@@ -240,6 +240,41 @@ def test_cuda_graph_replays_with_new_values_in_the_same_buffers(C, max_norm):
             assert_bitwise_equal(g, e, nan_bits=False)
 
 
+@pytest.mark.parametrize("call", ["get_total_norm", "clip_grads_with_norm_", "clip_grad_value_"])
+def test_cuda_graph_replays_the_other_calls(C, call):
+    """The other public calls take the same device-table path: captured once, replayed with new
+    values in the same buffers, each replay equal to the eager call on those values."""
+    spec = SETS["mixed"] + [((50, 3), F32)]
+    grads = _grads(spec)
+    params = _params(grads)
+    total = torch.tensor(0.0, device="cuda")  # clip_grads_with_norm_'s norm: a buffer the replays read
+
+    def run(ps, gs, norm):
+        if call == "get_total_norm":
+            return fastclip.get_total_norm(gs, 3.0)
+        if call == "clip_grads_with_norm_":
+            return fastclip.clip_grads_with_norm_(ps, 1.0, norm)
+        return fastclip.clip_grad_value_(ps, 0.5)
+
+    _warm_up(lambda: run(params, grads, total))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run(params, grads, total)
+    for seed, scale in ((20, 1.0), (21, 1e-3), (22, 30.0)):
+        fresh = _grads(spec, seed=seed, scale=scale)
+        for g, f in zip(grads, fresh):
+            g.copy_(f)
+        total.copy_(fastclip.get_total_norm(fresh))
+        expected = [f.clone() for f in fresh]
+        want = run(_params(expected), expected, total.clone())
+        graph.replay()
+        torch.cuda.synchronize()
+        if call == "get_total_norm":
+            assert_bitwise_equal(out, want)
+        for g, e in zip(grads, expected):
+            assert_bitwise_equal(g, e, nan_bits=False)
+
+
 def test_cuda_graph_of_a_whole_training_step(C):
     """The grads are allocated inside the capture (zero_grad(set_to_none=True)), so the tables
     are built and uploaded by the capture itself, then re-read at every replay."""
