@@ -5,8 +5,10 @@
 #   OUT=/tmp/gpu-check bash benchmarks/gpu_check.sh     # in the repository root, on the GPU machine
 #
 # Stages: install (editable, no dependencies: the machine may have no network), versions and
-# GPU, the `gpu`-marked tests, the benchmark of benchmarks/bench_cuda.py. Logs and the
-# benchmark's JSON go to $OUT; a summary is printed last. Exit status: 0 when every stage passed.
+# GPU, the `gpu`-marked tests, the benchmark of benchmarks/bench_cuda.py, and last
+# benchmarks/bench_compile.py (torch's clip compiled by inductor; not needed for the targets).
+# Logs and the benchmarks' JSON go to $OUT; a summary is printed last. Exit status: 0 when the
+# tests and bench_cuda.py passed.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu-check-out}
@@ -51,7 +53,13 @@ rc_tests=$?
 timeout 300 python3 benchmarks/bench_cuda.py --out "$OUT/bench_cuda.json" 2>&1 | tee "$OUT/bench_cuda.log"
 rc_bench=$?
 
+# Last (optional for the targets): torch's clip compiled by inductor vs fastclip, gpt2-124m.
+timeout 150 python3 benchmarks/bench_compile.py --device cuda --json "$OUT/bench_compile.json" \
+  2>&1 | tee "$OUT/bench_compile.log"
+rc_compile=$?
+
 echo
-echo "== gpu_check: install rc=$rc_install, gpu tests rc=$rc_tests, bench rc=$rc_bench (124 = timed out)"
+echo "== gpu_check: install rc=$rc_install, gpu tests rc=$rc_tests, bench rc=$rc_bench," \
+  "compile bench rc=$rc_compile (124 = timed out)"
 tail -n 1 "$OUT/gpu_tests.log" | sed "s/^/   tests: /"
 [ $rc_tests -eq 0 ] && [ $rc_bench -eq 0 ]
