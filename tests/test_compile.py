@@ -132,11 +132,17 @@ def test_grad_clipper_step_under_compile():
     assert clippers[0].summary() == clippers[1].summary()
 
 
-def test_a_compiled_training_step_with_inductor():
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA GPU")]),
+])
+def test_a_compiled_training_step_with_inductor(device):
     """The common case: forward, backward, clip and step in one compiled function (inductor);
     the clip sees the compiled backward's grads and clips them as an eager call would."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    model = model.to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
 
     def step(x, y):
@@ -152,7 +158,7 @@ def test_a_compiled_training_step_with_inductor():
     g = torch.Generator().manual_seed(1)
     for _ in range(2):
         x, y = torch.randn(32, 8, generator=g), torch.randn(32, 1, generator=g)
-        norm, before, after = compiled(x, y)
+        norm, before, after = compiled(x.to(device), y.to(device))
         params = [torch.nn.Parameter(torch.zeros_like(b)) for b in before]
         for p, b in zip(params, before):
             p.grad = b.clone()
