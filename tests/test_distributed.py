@@ -409,6 +409,45 @@ def check_fsdp2(rank, world):
         before = [g.to_local().clone() for g in grads]
 
 
+def check_fsdp1(rank, world):
+    """FSDP v1 (FullyShardedDataParallel, FULL_SHARD) clips with its own method, which patching
+    does not reach; ``fastclip.clip_grad_norm_(model.parameters(), max_norm,
+    group=model.process_group)`` replaces it: the norm of the whole model (exact), one
+    all-reduce, and the grads FSDP's own clip gives, with flat parameters and with
+    ``use_orig_params=True`` (views of the local shard, some of them empty)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    for use_orig_params in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(9, 13), torch.nn.Tanh(), torch.nn.Linear(13, 3))
+        model = FSDP(model, device_id=torch.device("cpu"), use_orig_params=use_orig_params)
+        gen = torch.Generator().manual_seed(rank)
+        (model(torch.randn(5, 9, generator=gen)) * 10).pow(2).sum().backward()
+        params = [q for q in model.parameters() if q.grad is not None]
+        local = [q.grad.detach().clone() for q in params]
+        gathered = [None] * world
+        dist.all_gather_object(gathered, [g.reshape(-1) for g in local])
+        whole = [g for part in gathered for g in part]  # every element once (padding adds zeros)
+        max_norm = exact_norm(whole, 2.0) / 3
+        norm, coef = check_clip(list(model.parameters()), whole, 2.0, max_norm,
+                                group=model.process_group, expect_collectives=1)
+        ours = [q.grad.clone() for q in params]
+        for q, g in zip(params, local):
+            q.grad.copy_(g)
+        theirs = model.clip_grad_norm_(max_norm)
+        torch.testing.assert_close(norm, theirs.to(norm.dtype), rtol=1e-5, atol=0)
+        for a, q in zip(ours, params):
+            torch.testing.assert_close(a, q.grad, rtol=1e-5, atol=1e-8)
+        for a, g in zip(ours, local):
+            assert_bitwise_equal(a, g * coef)
+        # Negative control: without `group` each rank sees only its shard's norm.
+        for q, g in zip(params, local):
+            q.grad.copy_(g)
+        local_norms = [None] * world
+        dist.all_gather_object(local_norms, float(fastclip.get_total_norm([q.grad for q in params])))
+        assert len(set(local_norms)) > 1 and max(local_norms) < float(norm)
+
+
 def check_scale(rank, world):
     """2000 DTensor grads cost about 4x 500 (linear), with one all-reduce and per-mesh lookups."""
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -455,7 +494,7 @@ def check_scale(rank, world):
 
 
 CHECKS = [check_sharded_plain, check_empty_rank, check_subgroup_and_membership, check_dtensor_1d,
-          check_dtensor_2d, check_device_tensor_paths, check_fsdp2, check_scale]
+          check_dtensor_2d, check_device_tensor_paths, check_fsdp2, check_fsdp1, check_scale]
 
 
 def _worker(rank: int, world: int, port: int, outdir: str) -> None:
@@ -541,6 +580,10 @@ def test_device_tensor_branches(rank_results):
 
 def test_fsdp2_grads(rank_results):
     _assert_check(rank_results, check_fsdp2)
+
+
+def test_fsdp1_grads_with_the_process_group(rank_results):
+    _assert_check(rank_results, check_fsdp1)
 
 
 def test_dtensor_scale_is_linear(rank_results):
