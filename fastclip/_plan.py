@@ -21,6 +21,9 @@ from fastclip._table import DTYPE_CODES, TensorTable
 
 _DEVICE = operator.attrgetter("device")
 _DTYPE = operator.attrgetter("dtype")
+# torch's own grouping (C++, used by its clip_grad_norm_): one call answers device and dtype for
+# every tensor, ~0.06 us per tensor cheaper than reading the two attributes from Python.
+_GROUP = getattr(torch._C, "_group_tensors_by_device_and_dtype", None)
 
 
 def _backend_for(device: torch.device):
@@ -32,6 +35,17 @@ def _backend_for(device: torch.device):
         except ImportError:  # numba-cuda is not installed: torch does the work
             return None
         return _cuda if _cuda.is_available() else None
+    return None
+
+
+def _one_device_and_dtype(tensors: list) -> Optional[tuple[torch.device, torch.dtype]]:
+    """``(device, dtype)`` when all ``tensors`` share them, else None."""
+    if _GROUP is not None:
+        groups = _GROUP([tensors], False)
+        return next(iter(groups)) if len(groups) == 1 else None
+    device, dtype = tensors[0].device, tensors[0].dtype
+    if all(t.device == device and t.dtype == dtype for t in tensors):
+        return device, dtype
     return None
 
 
@@ -89,35 +103,41 @@ class Plan:
         """Group ``tensors`` by device and build each device's table.
 
         Returns None when torch should do the work (a device or dtype without a kernel). The
-        common case asks each tensor for four attributes; anything unexpected (a non-tensor,
+        common case asks torch to group the tensors (one C++ call) and each tensor for three
+        attributes; anything unexpected (a non-tensor,
         a sparse or integer tensor) drops to ``check_tensors``, which names the problem.
         """
         if not tensors:  # a rank with no local grads still joins the all-reduce (it adds 0)
             return cls([], 0, torch.device("cpu"), torch.float32)
         try:
+            one = _one_device_and_dtype(tensors)
+            if one is not None:  # the common case: one device, one dtype
+                device, dtype = one
+                if dtype not in DTYPE_CODES:
+                    V.check_tensors(tensors, fn, arg)
+                    return None  # complex: no kernel
+                backend = _backend_for(device)
+                if backend is None:
+                    return None
+                table = TensorTable.from_tensors(tensors, dtype)
+                return cls([DeviceSet(device, backend, table, list(range(len(tensors))))],
+                           len(tensors), device, result_dtype([dtype]))
             devices = list(map(_DEVICE, tensors))
             dtypes = list(map(_DTYPE, tensors))
             if not set(dtypes) <= DTYPE_CODES.keys():
                 V.check_tensors(tensors, fn, arg)
                 return None  # complex: no kernel
             first = devices[0]
-            if devices.count(first) == len(devices):
-                groups = {first: None}
-            else:
-                groups = {}
-                for i, d in enumerate(devices):
-                    groups.setdefault(d, []).append(i)
+            groups: dict = {}
+            for i, d in enumerate(devices):
+                groups.setdefault(d, []).append(i)
             sets = []
             for device, indices in groups.items():
                 backend = _backend_for(device)
                 if backend is None:
                     return None
-                if indices is None:
-                    table = TensorTable.from_tensors(tensors, dtypes)
-                    indices = list(range(len(tensors)))
-                else:
-                    table = TensorTable.from_tensors([tensors[i] for i in indices],
-                                                     [dtypes[i] for i in indices])
+                table = TensorTable.from_tensors([tensors[i] for i in indices],
+                                                 [dtypes[i] for i in indices])
                 sets.append(DeviceSet(device, backend, table, indices))
         except (AttributeError, RuntimeError, NotImplementedError, TypeError):
             V.check_tensors(tensors, fn, arg)  # raises the precise error

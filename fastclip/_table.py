@@ -9,6 +9,7 @@ as it can, one attribute per list comprehension (~0.1 us per tensor and attribut
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Union
 
 import numpy as np
 import torch
@@ -71,8 +72,10 @@ class TensorTable:
         return int(self.lengths.sum())
 
     @classmethod
-    def from_tensors(cls, tensors: list[torch.Tensor], dtypes: list[torch.dtype]) -> "TensorTable":
-        """Build the table. ``dtypes`` are the tensors' dtypes, all with a kernel (DTYPE_CODES)."""
+    def from_tensors(cls, tensors: list[torch.Tensor],
+                     dtypes: Union[torch.dtype, list[torch.dtype]]) -> "TensorTable":
+        """Build the table. ``dtypes`` are the tensors' dtypes (or the one dtype of them all), all
+        with a kernel (DTYPE_CODES)."""
         # map() over the unbound C methods: the cheapest way to ask 2000 tensors one question.
         # A non-tensor raises TypeError here, and the caller names the problem.
         if all(map(_TB.is_contiguous, tensors)):
@@ -90,14 +93,14 @@ class TensorTable:
         n = len(views)
         addrs = np.fromiter(map(_TB.data_ptr, views), dtype=np.int64, count=n)
         lengths = np.fromiter(map(_TB.numel, views), dtype=np.int64, count=n)
-        if not addrs.all() and (lengths[addrs == 0] > 0).any():
+        if np.count_nonzero(addrs) != n and (lengths[addrs == 0] > 0).any():
             # Wrapper subclasses (DTensor, FakeTensor, ...) report address 0: never hand it to a kernel.
             i = int(np.flatnonzero((addrs == 0) & (lengths > 0))[0])
             raise TypeError(f"fastclip: tensor {i} ({type(views[i]).__name__}) has no data address "
                             "of its own; pass plain tensors (for DTensor grads, their local shards)")
-        first = dtypes[0]
-        if dtypes.count(first) == len(dtypes):
-            codes = np.full(len(views), DTYPE_CODES[first], dtype=np.int64)
+        if isinstance(dtypes, torch.dtype):
+            codes = np.empty(n, dtype=np.int64)
+            codes.fill(DTYPE_CODES[dtypes])
         else:
             codes = np.array([DTYPE_CODES[d] for d in dtypes], dtype=np.int64)
         return cls(tensors, addrs, lengths, codes, strided, copies)

@@ -31,7 +31,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from fastclip._compile import eager_under_compile
+from fastclip._compile import entry_point
 from fastclip import _cpu
 from fastclip import _validate as V
 from fastclip._table import DTYPE_CODES, is_dense
@@ -238,8 +238,7 @@ def _run_torch(pairs, clipping: float, eps: float) -> None:
         g.mul_(coef.to(torch.float64 if g.dtype == torch.float64 else torch.float32))
 
 
-@eager_under_compile
-@torch.no_grad()
+@entry_point
 def adaptive_grad_clip_(
     parameters: V.TensorOrTensors,
     clipping: float = 0.01,

@@ -18,7 +18,7 @@ from typing import Optional, Union
 import torch
 from torch.amp.grad_scaler import GradScaler, OptState
 
-from fastclip._compile import eager_under_compile
+from fastclip._compile import entry_point
 from fastclip import _distributed
 from fastclip import _validate as V
 from fastclip._plan import Plan, root, tensor_root
@@ -146,8 +146,7 @@ def scale_grads_(plan: Plan, factor: torch.Tensor) -> None:
             torch._foreach_mul_(s.table.tensors, factor.to(s.device, non_blocking=True))
 
 
-@eager_under_compile
-@torch.no_grad()
+@entry_point
 def unscale_and_clip_(
     scaler: GradScaler,
     optimizer: torch.optim.Optimizer,

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.utils.clip_grad as _torch_clip
 
-from fastclip._compile import eager_under_compile
+from fastclip._compile import entry_point
 from fastclip import _distributed
 from fastclip import _validate as V
 from fastclip._plan import Plan
@@ -69,8 +69,7 @@ def host_clip_coefficient(max_norm: float, total_norm: float, dtype: torch.dtype
     return 1.0 if coef > 1.0 else float(coef)
 
 
-@eager_under_compile
-@torch.no_grad()
+@entry_point
 def get_total_norm(
     tensors: V.TensorOrTensors,
     norm_type: Union[float, str] = 2.0,
@@ -120,8 +119,7 @@ def get_total_norm(
     return norm
 
 
-@eager_under_compile
-@torch.no_grad()
+@entry_point
 def clip_grads_with_norm_(
     parameters: V.TensorOrTensors,
     max_norm: Union[float, torch.Tensor],
@@ -161,8 +159,7 @@ def clip_grads_with_norm_(
     plan.scale_(clip_coefficient(max_norm, total_norm))
 
 
-@eager_under_compile
-@torch.no_grad()
+@entry_point
 def clip_grad_norm_(
     parameters: V.TensorOrTensors,
     max_norm: Union[float, torch.Tensor],
@@ -237,8 +234,7 @@ def clip_grad_norm_(
     return norm
 
 
-@eager_under_compile
-@torch.no_grad()
+@entry_point
 def clip_grad_value_(
     parameters: V.TensorOrTensors,
     clip_value: float,

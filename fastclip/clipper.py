@@ -16,7 +16,7 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 import torch.nn.utils.clip_grad as _torch_clip
 
-from fastclip._compile import eager_under_compile
+from fastclip._compile import entry_point
 from fastclip import _validate as V
 from fastclip._plan import Plan
 from fastclip._table import is_dense
@@ -127,8 +127,7 @@ class GradClipper:
 
     # --- the step ----------------------------------------------------------------------------
 
-    @eager_under_compile
-    @torch.no_grad()
+    @entry_point
     def step(self) -> torch.Tensor:
         """Clip the grads once; return their total norm before clipping (a 0-d tensor).
 

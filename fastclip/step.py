@@ -17,7 +17,7 @@ from typing import Optional, Union
 import torch
 from torch.amp.grad_scaler import GradScaler, OptState
 
-from fastclip._compile import eager_under_compile
+from fastclip._compile import entry_point
 from fastclip import _validate as V
 from fastclip._plan import Plan
 from fastclip.amp import (check_no_fp16, check_optimizer, check_scaler, inv_scale_of, optimizer_params,
@@ -70,8 +70,7 @@ def _check_free(optimizer: torch.optim.Optimizer) -> None:
                                f"for the step itself: delete `optimizer.{name}` first")
 
 
-@eager_under_compile
-@torch.no_grad()
+@entry_point
 def clip_and_step(
     optimizer: torch.optim.Optimizer,
     max_norm: Union[float, torch.Tensor],

@@ -3,7 +3,7 @@ the eager call's results bit for bit; eager use never imports ``torch._dynamo``.
 
 Without the graph break Dynamo traces into numba's dispatcher and fails (torch 2.13: "exception
 table entry start instruction has no offset"), so each test below fails if a public call loses
-its ``eager_under_compile`` wrapper.
+its ``entry_point`` wrapper.
 """
 
 from __future__ import annotations

@@ -523,3 +523,82 @@ def test_host_coefficient_negative_control():
         true_div = torch.tensor(0.3, dtype=torch.float32) / (t + 1e-6)
         differs += not torch.equal(true_div, clip_coefficient(0.3, t))
     assert differs > 0
+
+
+# --- grad mode ------------------------------------------------------------------------------------
+
+
+def _entry_point_calls():
+    """One call of each public entry point on fresh grads, by name."""
+    def params():
+        ps = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))]
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        return ps
+
+    def scaler_call(fn):
+        ps = params()
+        opt = torch.optim.SGD(ps, lr=0.1)
+        scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+        scaler.scale(torch.ones(()))  # gives the scaler its scale, as a backward would
+        return fn(scaler, opt, 1.0)
+
+    return {
+        "clip_grad_norm_": lambda: fastclip.clip_grad_norm_(params(), 1.0),
+        "get_total_norm": lambda: fastclip.get_total_norm([p.grad for p in params()]),
+        "clip_grads_with_norm_": lambda: fastclip.clip_grads_with_norm_(params(), 1.0, torch.tensor(5.0)),
+        "clip_grad_value_": lambda: fastclip.clip_grad_value_(params(), 0.5),
+        "unscale_and_clip_": lambda: scaler_call(fastclip.unscale_and_clip_),
+        "clip_and_step": lambda: fastclip.clip_and_step(torch.optim.SGD(params(), lr=0.1), 1.0),
+        "GradClipper.step": lambda: fastclip.GradClipper(params(), max_norm=1.0).step(),
+    }
+
+
+@pytest.mark.parametrize("name", list(_entry_point_calls()))
+def test_entry_points_run_with_grad_mode_off_and_restore_it(name, monkeypatch):
+    # torch's functions run under torch.no_grad(); fastclip's entry points switch the mode
+    # themselves (cheaper), and must leave the caller's mode as it was.
+    from fastclip import _plan
+
+    seen = []
+    build = _plan.Plan.build.__func__
+
+    def recording_build(cls, *args, **kwargs):
+        seen.append(torch.is_grad_enabled())
+        return build(cls, *args, **kwargs)
+
+    monkeypatch.setattr(_plan.Plan, "build", classmethod(recording_build))
+    call = _entry_point_calls()[name]
+    assert torch.is_grad_enabled()
+    call()
+    assert seen and not any(seen)
+    assert torch.is_grad_enabled()
+    with torch.no_grad():
+        call()
+        assert not torch.is_grad_enabled()
+    assert len(seen) == 2 and not any(seen)
+
+
+def test_adaptive_grad_clip_runs_with_grad_mode_off():
+    seen = []
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    w.grad = torch.randn(4, 3)
+
+    def parameters():
+        seen.append(torch.is_grad_enabled())
+        yield w
+
+    fastclip.adaptive_grad_clip_(parameters(), 0.01)
+    assert seen == [False] and torch.is_grad_enabled()
+
+
+def test_grad_mode_restored_when_a_call_raises():
+    w = torch.nn.Parameter(torch.randn(3))
+    w.grad = torch.randn(3)
+    with pytest.raises(ValueError, match="max_norm"):
+        fastclip.clip_grad_norm_([w], -1.0)
+    assert torch.is_grad_enabled()
+    w.grad = torch.tensor([float("nan"), 1.0, 2.0])
+    with pytest.raises(RuntimeError):
+        fastclip.clip_grad_norm_([w], 1.0, error_if_nonfinite=True)
+    assert torch.is_grad_enabled()
