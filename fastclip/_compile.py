@@ -73,13 +73,14 @@ def entry_point(fn: F) -> F:
         # (unscale_and_clip_ after a graph break) and traced into fastclip.
         if torch.compiler.is_compiling():
             return _disabled(fn_no_grad, reason)(*args, **kwargs)
-        if not grad_enabled():
-            return fn(*args, **kwargs)
+        # Restored whatever it was: user code run by the call (an optimizer step, a generator)
+        # may switch grad mode and leave it switched.
+        previous = grad_enabled()
         set_grad_enabled(False)
         try:
             return fn(*args, **kwargs)
         finally:
-            set_grad_enabled(True)
+            set_grad_enabled(previous)
 
     wrapper = _own_code(call, fn.__name__, fn.__qualname__)
     return functools.wraps(fn)(wrapper)  # type: ignore[return-value]

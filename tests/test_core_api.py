@@ -579,6 +579,19 @@ def test_entry_points_run_with_grad_mode_off_and_restore_it(name, monkeypatch):
     assert len(seen) == 2 and not any(seen)
 
 
+def test_grad_mode_is_the_callers_after_user_code_switches_it():
+    class GradOnSGD(torch.optim.SGD):
+        def step(self, closure=None):
+            torch.set_grad_enabled(True)  # and left on
+            return super().step(closure)
+
+    p = torch.nn.Parameter(torch.randn(3))
+    p.grad = torch.randn(3)
+    with torch.no_grad():
+        fastclip.clip_and_step(GradOnSGD([p], lr=0.1), 1.0)
+        assert not torch.is_grad_enabled()
+
+
 def test_adaptive_grad_clip_runs_with_grad_mode_off():
     seen = []
     w = torch.nn.Parameter(torch.randn(4, 3))
