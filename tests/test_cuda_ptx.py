@@ -26,12 +26,16 @@ CC = (9, 0)
 
 @pytest.fixture(scope="module")
 def ptx(tmp_path_factory):
-    """Every kernel of ``fastclip.kernels.cuda``, compiled once: {name: PTX text}."""
+    """Every kernel of ``fastclip.kernels.cuda`` and ``fastclip.kernels.agc_cuda``, compiled
+    once: {name: PTX text}."""
     from numba.cuda.cudadrv.error import NvvmSupportError
 
     import numba.cuda.dispatcher as dispatcher
+    from fastclip.kernels import agc_cuda as A
     from fastclip.kernels import cuda as K
 
+    sources = {name: (kernel.py_func, sig) for name, (kernel, sig) in K.KERNELS.items()}
+    sources.update({name: (A.PY_FUNCS[name], sig) for name, sig in A.SIGNATURES.items()})
     original = dispatcher.get_current_device
     if not cuda.is_available():
         # numba-cuda types a kernel's device functions for "the current device", even when
@@ -39,9 +43,9 @@ def ptx(tmp_path_factory):
         dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=CC)
     try:
         out = {}
-        for name, (kernel, sig) in K.KERNELS.items():
+        for name, (function, sig) in sources.items():
             try:
-                text, _ = cuda.compile_ptx(kernel.py_func, sig, cc=CC)
+                text, _ = cuda.compile_ptx(function, sig, cc=CC)
             except NvvmSupportError as e:
                 pytest.skip(f"libNVVM is not available ({e}): install the CUDA toolkit or the "
                             "nvidia-cuda-nvrtc wheel (pip install fastclip[cuda])")
@@ -52,9 +56,10 @@ def ptx(tmp_path_factory):
 
 
 def test_every_kernel_compiles_for_sm_90(ptx):
+    from fastclip.kernels import agc_cuda as A
     from fastclip.kernels import cuda as K
 
-    assert set(ptx) == set(K.KERNELS)
+    assert set(ptx) == set(K.KERNELS) | set(A.SIGNATURES)
     for name, text in ptx.items():
         assert ".target sm_90" in text
         assert re.search(r"\.entry\s+\S*" + name, text), f"no entry point for {name}"
@@ -88,13 +93,60 @@ def _ptxas():
     return None
 
 
-def test_ptx_assembles_for_sm_90(ptx, tmp_path):
+@pytest.fixture(scope="module")
+def assembled(ptx, tmp_path_factory):
+    """``ptxas -arch=sm_90 -v`` on every kernel: {name: (return code, stderr)}."""
     ptxas = _ptxas()
     if ptxas is None:
         pytest.skip("ptxas (CUDA toolkit) not found; the PTX compile above still ran")
+    tmp_path = tmp_path_factory.mktemp("ptxas")
+    out = {}
     for name, text in ptx.items():
         src = tmp_path / f"{name}.ptx"
         src.write_text(text)
         proc = subprocess.run([ptxas, "-arch=sm_90", "-v", str(src), "-o", str(tmp_path / f"{name}.cubin")],
                               capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, f"ptxas rejected {name}:\n{proc.stderr[-3000:]}"
+        out[name] = (proc.returncode, proc.stderr)
+    return out
+
+
+def test_ptx_assembles_for_sm_90(assembled):
+    for name, (returncode, stderr) in assembled.items():
+        assert returncode == 0, f"ptxas rejected {name}:\n{stderr[-3000:]}"
+
+
+def kernel_resources(ptxas_log: str) -> dict:
+    """Registers per thread, static shared bytes and spill bytes from ``ptxas -v``'s report."""
+    registers = re.search(r"Used (\d+) registers", ptxas_log)
+    smem = re.search(r"(\d+) bytes smem", ptxas_log)
+    spills = [int(a) + int(b) for a, b in
+              re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas_log)]
+    return {"registers": int(registers.group(1)) if registers else None,
+            "smem": int(smem.group(1)) if smem else 0, "spill_bytes": sum(spills)}
+
+
+def test_resource_report_parsing():
+    log = ("ptxas info    : Function properties for k\n"
+           "    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n"
+           "ptxas info    : Used 70 registers, used 1 barriers, 4104 bytes smem, 380 bytes cmem[0]\n")
+    assert kernel_resources(log) == {"registers": 70, "smem": 4104, "spill_bytes": 8}
+
+
+def test_every_kernel_can_launch_its_block_on_sm_90_without_spilling(assembled):
+    """A kernel that needs more registers than an SM gives one block fails every launch on the
+    GPU ("too many resources requested for launch"); catch it here. Spills (local-memory traffic
+    in the streaming loops) would cost bandwidth: none today, so any is a regression to look at."""
+    from fastclip.kernels import agc_cuda as A
+    from fastclip.kernels import cuda as K
+
+    block = {name: K.THREADS for name in K.KERNELS}
+    block.update({name: A.BLOCK for name in A.SIGNATURES})
+    for name, (returncode, stderr) in assembled.items():
+        assert returncode == 0, f"ptxas rejected {name}"
+        used = kernel_resources(stderr)
+        assert used["registers"] is not None, f"no register report for {name}:\n{stderr}"
+        # sm_90: 64K 32-bit registers per block and per SM, allocated in units of 256 per warp.
+        per_warp = -(-used["registers"] * 32 // 256) * 256
+        assert per_warp * (block[name] // 32) <= 65536, f"{name}: {used} for {block[name]} threads"
+        assert used["smem"] <= 48 * 1024, f"{name}: {used}"
+        assert used["spill_bytes"] == 0, f"{name} spills: {used}"
