@@ -1,0 +1,137 @@
+#!/usr/bin/env python3
+"""The host side of a CUDA clip, measured on a machine without a GPU.
+
+Issue 3's host target (<= 60 us per ``clip_grad_norm_`` call for 150 tensors, H100 host) is about
+the Python that runs before and between the two kernel launches: argument checks, reading
+``.grad``, the tensor table, the device-table cache, the result's allocation. That code does not
+need a GPU to run. This script sends CPU tensors down the CUDA backend (``fastclip._cuda``, as the
+simulator tests do) with its two launchers replaced by counters, so each call runs all of the CUDA
+path's host work except the launches themselves (``cuda.core``: not measurable without a GPU).
+
+``clip_grads_with_norm_`` is the exception that this stand-in overstates: it computes torch's
+coefficient with four torch ops on the norm tensor, which here run on the CPU (~10 us each) and on
+a GPU are four small asynchronous launches.
+
+On a GPU machine, ``bench_cuda.py`` measures the real thing; this is the stand-in that lets a
+change to the host path be timed in any session. Figures are per call, best and median of
+``--repeats`` timings of ``--calls`` calls each (the minimum is the least noisy on a shared VM).
+
+Usage::
+
+    python3 benchmarks/host_proxy.py                 # 150 tensors of 1000 float32
+    python3 benchmarks/host_proxy.py --tensors 1     # the fixed part of a call
+    python3 benchmarks/host_proxy.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import timeit
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import fastclip  # noqa: E402
+from fastclip import _cuda, _plan  # noqa: E402
+
+
+class CountingLauncher:
+    """Stands in for one of ``_cuda``'s kernel launchers: counts the launches, runs nothing."""
+
+    def __init__(self):
+        self.launches = 0
+
+    def __call__(self, entry, args) -> None:
+        self.launches += 1
+
+
+@contextlib.contextmanager
+def cuda_backend_without_launches():
+    """Plans built inside put CPU tensors on the CUDA backend, whose launches only count.
+
+    Yields the two launchers ``(power_sums, scale)``; everything is restored on exit.
+    """
+    saved = (_plan._backend_for, _cuda._power_sums, _cuda._scale)
+    power_sums, scale = CountingLauncher(), CountingLauncher()
+    _plan._backend_for = lambda device: _cuda
+    _cuda._power_sums, _cuda._scale = power_sums, scale
+    try:
+        yield power_sums, scale
+    finally:
+        _plan._backend_for, _cuda._power_sums, _cuda._scale = saved
+        _cuda.clear_cache()
+
+
+def _params(n_tensors: int, numel: int) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(0)
+    params = []
+    for _ in range(n_tensors):
+        p = torch.nn.Parameter(torch.zeros(numel))
+        p.grad = torch.randn(numel, generator=gen)
+        params.append(p)
+    return params
+
+
+def _time(fn, calls: int, repeats: int) -> dict:
+    for _ in range(min(100, calls * repeats)):  # warm: kernels' device table cached, code hot
+        fn()
+    per_call = sorted(t / calls * 1e6 for t in timeit.repeat(fn, number=calls, repeat=repeats))
+    return {"min_us": per_call[0], "median_us": per_call[len(per_call) // 2]}
+
+
+def measure(n_tensors: int = 150, numel: int = 1000, calls: int = 50, repeats: int = 300) -> dict:
+    """Host microseconds per call of the CUDA path with its launches stubbed out.
+
+    Returns:
+        ``{"tensors", "numel", "calls": {name: {"min_us", "median_us"}}, "launches_per_call":
+        {name: (power-sum launches, scale launches)}}``. The launch counts show each call took
+        the CUDA backend's path (a clip: one norm launch and one scale launch).
+    """
+    params = _params(n_tensors, numel)
+    grads = [p.grad for p in params]
+    calls_by_name = {
+        # max_norm 1e-2 clips: the CUDA path launches the scale kernel either way (it reads the
+        # coefficient on the device), so clipping and non-clipping calls cost the host the same.
+        "clip_grad_norm_": lambda: fastclip.clip_grad_norm_(params, 1e-2),
+        "get_total_norm": lambda: fastclip.get_total_norm(grads),
+        "clip_grads_with_norm_": lambda: fastclip.clip_grads_with_norm_(params, 1e-2,
+                                                                        torch.tensor(5.0)),
+    }
+    out: dict = {"tensors": n_tensors, "numel": numel, "calls": {}, "launches_per_call": {}}
+    with cuda_backend_without_launches() as (power_sums, scale):
+        for name, fn in calls_by_name.items():
+            before = (power_sums.launches, scale.launches)
+            fn()
+            out["launches_per_call"][name] = (power_sums.launches - before[0],
+                                              scale.launches - before[1])
+            out["calls"][name] = _time(fn, calls, repeats)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tensors", type=int, default=150)
+    parser.add_argument("--numel", type=int, default=1000)
+    parser.add_argument("--calls", type=int, default=50, help="calls per timing")
+    parser.add_argument("--repeats", type=int, default=300, help="timings per call kind")
+    parser.add_argument("--json", help="also write the result here")
+    args = parser.parse_args(argv)
+    result = measure(args.tensors, args.numel, args.calls, args.repeats)
+    print(f"# CUDA path's host work, launches stubbed out: {result['tensors']} tensors of "
+          f"{result['numel']} float32 on the CPU (torch {torch.__version__})")
+    for name, t in result["calls"].items():
+        print(f"{name:24s} min {t['min_us']:7.1f} us   median {t['median_us']:7.1f} us   "
+              f"launches {result['launches_per_call'][name]}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
