@@ -61,3 +61,37 @@ def test_without_a_gpu_the_script_says_so(bench, capsys):
         pytest.skip("a GPU is present")
     assert bench.main(["--sets", "tiny"]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_host_overhead_runs_every_measurement(bench, monkeypatch):
+    """Each host figure's call runs once on the CPU (launches stubbed, a stand-in timer), so a
+    GPU session does not meet a crash in this part of the script."""
+    spec = importlib.util.spec_from_file_location(
+        "host_proxy", os.path.join(os.path.dirname(_PATH), "host_proxy.py"))
+    proxy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(proxy)
+    timed = []
+
+    def host_us(fn, calls: int = 300) -> float:
+        fn()
+        timed.append(fn)
+        return 1.0
+
+    monkeypatch.setattr(bench, "host_us", host_us)
+    with proxy.cuda_backend_without_launches() as (power_sums, scale):
+        out = bench.host_overhead(torch.device("cpu"))
+    assert set(out) == {"clip_fastclip_us", "no_clip_fastclip_us", "get_total_norm_fastclip_us",
+                        "clip_torch_us", "plan_build_us", "backend_only_us",
+                        "clip_launches_stubbed_us"}
+    assert len(timed) == len(out)
+    # clip, no-clip, backend-only: a norm and a scale launch each; get_total_norm: a norm launch.
+    assert (power_sums.launches, scale.launches) == (4, 3)
+
+
+def test_summary_prints_every_target_and_the_host_split(bench, capsys):
+    host = {"clip_fastclip_us": 71.0, "no_clip_fastclip_us": 70.0, "clip_launches_stubbed_us": 52.5}
+    row = {"set": "gpt2-124m", "no_clip_speedup": 3.0, "clip_speedup": 1.2, "norm_vs_copy": 0.9}
+    bench.print_summary({"targets": bench.TARGETS, "sets": [row], "host": host})
+    out = capsys.readouterr().out
+    assert "gpt2-124m" in out and "3.00" in out and "90%" in out
+    assert "host <= 60 us" in out and "71.0 us clip" in out and "52.5 us of the clip without" in out
