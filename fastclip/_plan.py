@@ -104,8 +104,8 @@ class Plan:
 
         Returns None when torch should do the work (a device or dtype without a kernel). The
         common case asks torch to group the tensors (one C++ call) and each tensor for three
-        attributes; anything unexpected (a non-tensor,
-        a sparse or integer tensor) drops to ``check_tensors``, which names the problem.
+        attributes; anything unexpected (a non-tensor, a sparse or integer tensor) drops to
+        ``check_tensors``, which names the problem.
         """
         if not tensors:  # a rank with no local grads still joins the all-reduce (it adds 0)
             return cls([], 0, torch.device("cpu"), torch.float32)
