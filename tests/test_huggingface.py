@@ -17,6 +17,12 @@ accelerate = pytest.importorskip("accelerate")
 
 CLIP = 0.5
 STEPS = 3
+# What fastclip records when it did every step's clip. Accelerate before 1.16 calls
+# torch.nn.utils.clip_grad_norm_; from 1.16 it splits the clip into get_total_norm +
+# clip_grads_with_norm_ (to group DTensor grads by mesh), both looked up in torch.nn.utils at call
+# time, so both are patched. (The Trainer clips through Accelerate.)
+FASTCLIP_CLIPPED_EVERY_STEP = (["clip_grad_norm_"] * STEPS,
+                               ["get_total_norm", "clip_grads_with_norm_"] * STEPS)
 
 
 def grad_norm(params) -> float:
@@ -57,7 +63,7 @@ def _accelerate_run():
 def test_accelerator_clip_grad_norm_runs_fastclip(build_calls, fresh_accelerate_state):
     with fastclip.patched():
         norms = _accelerate_run()
-    assert build_calls == ["clip_grad_norm_"] * STEPS
+    assert build_calls in FASTCLIP_CLIPPED_EVERY_STEP, build_calls
     for before, returned, after in norms:
         assert before > 4 * CLIP  # something to clip
         assert returned == pytest.approx(before, rel=1e-6)
@@ -105,7 +111,7 @@ def test_transformers_trainer_max_grad_norm_runs_fastclip(build_calls, tmp_path,
                                                           fresh_accelerate_state):
     with fastclip.patched():
         after = _trainer_run(tmp_path)
-    assert build_calls == ["clip_grad_norm_"] * STEPS
+    assert build_calls in FASTCLIP_CLIPPED_EVERY_STEP, build_calls
     assert len(after) == STEPS
     assert all(a <= CLIP * (1 + 1e-6) for a in after)
     assert all(a == pytest.approx(CLIP, rel=1e-4) for a in after)  # each step was clipped
