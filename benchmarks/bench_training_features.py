@@ -16,6 +16,12 @@ Rows:
              bare step; "one read" times the norm pass alone, for comparison.
     amp+step fused AdamW with a GradScaler. torch: unscale_, clip_grad_norm_, scaler.step;
              fastclip: fastclip.clip_and_step(opt, max_norm, scaler=scaler).
+    agc      unit-wise adaptive clipping on a real model's shapes (``--agc-sets``, default
+             resnet50: AGC's home is conv nets). torch: ``torch_agc_``, the per-tensor way
+             plain-torch implementations write it (unit norms over every dim but the first,
+             then one ``where``, as timm's ``adaptive_clip_grad`` does); fastclip:
+             ``fastclip.adaptive_grad_clip_``. Both start from the same grads, and the script
+             reports how far apart their results are.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import time
 import torch
 
 import fastclip
+from fastclip.bench.cases import GRAD_SETS
 
 # name: (number of tensors, elements per tensor), float32
 SETS = {
@@ -34,6 +41,10 @@ SETS = {
     "large": (16, 1 << 19),   # 8M elements, 32 MB of grads
 }
 MAX_NORM = 1e-3  # below every set's norm: every run clips
+AGC_CLIPPING, AGC_EPS = 0.01, 1e-3
+# Per-tensor grad scales for AGC, cycled: with normal weights a unit's threshold is ~0.01 x its
+# weight norm, so units of the first scale stay as they are and those of the second are clipped.
+AGC_GRAD_SCALES = (0.003, 0.03)
 
 
 def _params(n: int, size: int) -> list[torch.nn.Parameter]:
@@ -133,10 +144,64 @@ def bench_amp_step(params, repeats):
             ("amp+step", "fastclip.clip_and_step(scaler=)", t_fast, t_torch / t_fast)]
 
 
+def torch_agc_(params, clipping: float = AGC_CLIPPING, eps: float = AGC_EPS) -> None:
+    """AGC in plain torch, one tensor at a time: the way it is usually written (e.g. timm's
+    ``adaptive_clip_grad``). Units are rows (every dim but the first) of tensors of two or more
+    dims, the whole tensor otherwise; a unit is clipped when its grad norm exceeds the threshold."""
+    for p in params:
+        g = p.grad
+        if g is None:
+            continue
+        dims = tuple(range(1, g.dim())) if g.dim() > 1 else None
+        w_norm = torch.linalg.vector_norm(p.detach(), dim=dims, keepdim=True)
+        g_norm = torch.linalg.vector_norm(g, dim=dims, keepdim=True)
+        max_norm = w_norm.clamp(min=eps).mul_(clipping)
+        clipped = g * (max_norm / g_norm.clamp(min=1e-6))
+        g.copy_(torch.where(g_norm > max_norm, clipped, g))
+
+
+def agc_params(shapes, seed: int = 0) -> list[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for i, shape in enumerate(shapes):
+        q = torch.nn.Parameter(torch.randn(shape, generator=gen))
+        q.grad = torch.randn(shape, generator=gen) * AGC_GRAD_SCALES[i % len(AGC_GRAD_SCALES)]
+        params.append(q)
+    return params
+
+
+def bench_agc(params, repeats):
+    """Rows for AGC, and the largest relative difference between the two results."""
+    saved = [q.grad.clone() for q in params]
+    reset = _grad_restorer(params, saved)
+    reset()
+    torch_agc_(params)
+    ref = [q.grad.clone() for q in params]
+    reset()
+    fastclip.adaptive_grad_clip_(params, AGC_CLIPPING, AGC_EPS)
+    diff = max(float(((q.grad - r).abs() / r.abs().clamp(min=1e-30)).max()) if r.numel() else 0.0
+               for q, r in zip(params, ref))
+    t = _timings({"torch": lambda: torch_agc_(params),
+                  "fast": lambda: fastclip.adaptive_grad_clip_(params, AGC_CLIPPING, AGC_EPS)},
+                 reset, repeats)
+    t_torch, t_fast = t["torch"], t["fast"]
+    return [("agc", "torch, per tensor (timm-style)", t_torch, None),
+            ("agc", "fastclip.adaptive_grad_clip_", t_fast, t_torch / t_fast)], diff
+
+
+def _print_rows(rows) -> None:
+    print(f"{'':9}{'operation':40}{'time':>12}{'torch / this':>14}")
+    for group, label, t, ratio in rows:
+        r = f"{ratio:13.2f}x" if ratio is not None else ""
+        print(f"{group:9}{label:40}{t * 1e3:10.3f}ms{r:>14}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per row (median)")
     parser.add_argument("--sets", default="small,large", help=f"comma-separated, from {sorted(SETS)}")
+    parser.add_argument("--agc-sets", default="resnet50",
+                        help="comma-separated gradient-set presets for the AGC rows ('' skips them)")
     parser.add_argument("--threads", type=int, default=None, help="torch (and so fastclip) threads")
     args = parser.parse_args(argv)
     if args.threads:
@@ -150,13 +215,19 @@ def main(argv=None) -> None:
         rows = bench_amp(params, args.repeats)
         step_rows, clip = bench_step(params, args.repeats)
         rows += step_rows + bench_amp_step(params, args.repeats)
-        print(f"{'':9}{'operation':40}{'time':>12}{'torch / this':>14}")
-        for group, label, t, ratio in rows:
-            r = f"{ratio:13.2f}x" if ratio is not None else ""
-            print(f"{group:9}{label:40}{t * 1e3:10.3f}ms{r:>14}")
+        _print_rows(rows)
         print(f"{'':9}clip cost over the bare step: torch {clip['torch'] * 1e3:.3f} ms, "
               f"fastclip clip_grad_norm_ {clip['fseq'] * 1e3:.3f} ms, "
               f"clip_and_step {clip['fast'] * 1e3:.3f} ms")
+    for name in filter(None, args.agc_sets.split(",")):
+        shapes = GRAD_SETS[name].shapes()
+        params = agc_params(shapes)
+        numel = sum(q.numel() for q in params)
+        print(f"\n== agc on {name}: {len(params)} tensors, {numel:,} values (weights and grads "
+              f"{2 * numel * 4 / 1e6:.1f} MB), clipping={AGC_CLIPPING}, eps={AGC_EPS}")
+        rows, diff = bench_agc(params, args.repeats)
+        _print_rows(rows)
+        print(f"{'':9}results agree: largest relative difference {diff:.1e}")
 
 
 if __name__ == "__main__":
