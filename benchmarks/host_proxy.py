@@ -8,9 +8,10 @@ need a GPU to run. This script sends CPU tensors down the CUDA backend (``fastcl
 simulator tests do) with its two launchers replaced by counters, so each call runs all of the CUDA
 path's host work except the launches themselves (``cuda.core``: not measurable without a GPU).
 
-``clip_grads_with_norm_`` is the exception that this stand-in overstates: it computes torch's
-coefficient with four torch ops on the norm tensor, which here run on the CPU (~10 us each) and on
-a GPU are four small asynchronous launches.
+``clip_grads_with_norm_`` with a float32/float64 norm and a number as ``max_norm`` is one scale
+launch (the kernel computes torch's coefficient from the norm). With a tensor ``max_norm`` or a
+16-bit norm it first runs torch's four ops on the norm, which this stand-in overstates: here they
+run on the CPU (~10 us each); on a GPU they are four small asynchronous launches.
 
 On a GPU machine, ``bench_cuda.py`` measures the real thing; this is the stand-in that lets a
 change to the host path be timed in any session. Figures are per call, best and median of

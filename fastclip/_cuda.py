@@ -422,7 +422,7 @@ def scale_(table: TensorTable, coef: torch.Tensor) -> None:
     if coef.device != entry.device:
         coef = coef.to(entry.device, non_blocking=True)
     _scale(entry, (entry.table, entry.n, entry.nc, coef.data_ptr(),
-                   1 if coef.dtype == torch.float64 else 0))
+                   K.SCALE_F64 if coef.dtype == torch.float64 else 0, 0.0))
     for i in entry.torch_written:
         table.tensors[i].mul_(coef)
 
@@ -459,7 +459,7 @@ def fused_clip_(table: TensorTable, p: float, max_norm: float, dtype: torch.dtyp
     _power_sums(entry, (entry.table, entry.n, entry.nc, norm_kind(p), float(p), entry.scratch,
                         K.RESULT_F64 if is_f64 else 0, float(max_norm),
                         0, norm.data_ptr(), coef_addr, 0, 0))
-    _scale(entry, (entry.table, entry.n, entry.nc, coef_addr, 1 if is_f64 else 0))
+    _scale(entry, (entry.table, entry.n, entry.nc, coef_addr, K.SCALE_F64 if is_f64 else 0, 0.0))
     if entry.torch_written:
         slot = entry.scratch_tensor[K.SCRATCH_COEF:K.SCRATCH_COEF + 1]
         coef = slot.view(torch.float64)[0] if is_f64 else slot.view(torch.float32)[0]
@@ -468,5 +468,23 @@ def fused_clip_(table: TensorTable, p: float, max_norm: float, dtype: torch.dtyp
     return norm
 
 
+def fused_clip_with_norm_(table: TensorTable, max_norm: float, total_norm: torch.Tensor) -> bool:
+    """``clip_grads_with_norm_`` in one launch: the scale kernel computes torch's coefficient
+    from ``total_norm`` (read on the device, in its dtype) and ``max_norm``, where the general
+    path would first launch torch's four ops on the norm. Returns False, having done nothing,
+    when this path does not apply: a norm that is not float32/float64 or lives on another
+    device, or memory listed twice (torch scales the later listings by the coefficient tensor).
+    """
+    if total_norm.dtype != torch.float32 and total_norm.dtype != torch.float64:
+        return False
+    table.check_writable()  # before the kernel: a failing call changes no grad
+    entry = device_table(table)
+    if entry.torch_written or total_norm.device != entry.device:
+        return False
+    mode = K.SCALE_FROM_NORM | (K.SCALE_F64 if total_norm.dtype == torch.float64 else 0)
+    _scale(entry, (entry.table, entry.n, entry.nc, total_norm.data_ptr(), mode, float(max_norm)))
+    return True
+
+
 __all__ = ["PowerSums", "is_available", "power_sums", "scale_", "clamp_", "fused_norm",
-           "fused_clip_", "device_table", "host_table", "clear_cache", "launch_path", "upload_int64"]
+           "fused_clip_", "fused_clip_with_norm_", "device_table", "host_table", "clear_cache", "launch_path", "upload_int64"]

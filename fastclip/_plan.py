@@ -228,3 +228,12 @@ class Plan:
             return None
         fused, table = self._fused("fused_clip_")
         return None if fused is None else fused(table, p, max_norm, self.dtype)
+
+    def fused_clip_with_norm_(self, max_norm, total_norm: torch.Tensor) -> bool:
+        """Scale by torch's coefficient computed from ``total_norm`` inside the backend's scale
+        kernel; False (nothing done) when there is no such path (several devices, a backend
+        without one, a tensor ``max_norm``, a norm the backend's path does not take)."""
+        if not isinstance(max_norm, float):
+            return False
+        fused, table = self._fused("fused_clip_with_norm_")
+        return fused is not None and fused(table, max_norm, total_norm)

@@ -156,7 +156,8 @@ def clip_grads_with_norm_(
     if plan is None:
         TORCH_CLIP_GRADS_WITH_NORM(parameters, max_norm, total_norm, foreach)
         return
-    plan.scale_(clip_coefficient(max_norm, total_norm))
+    if not plan.fused_clip_with_norm_(max_norm, total_norm):
+        plan.scale_(clip_coefficient(max_norm, total_norm))
 
 
 @entry_point

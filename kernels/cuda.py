@@ -13,8 +13,9 @@ the total, the norm and the clipping coefficient, all on the device. With ``per_
 the block that completes a tensor's chunks (a per-tensor ticket) also folds that tensor's
 partials. Results are bitwise reproducible, run after run.
 
-Kernel 2, ``scale_kernel``: every block reads the coefficient from device memory and returns at
-once when it is >= 1, so a step that does not clip reads the grads once in all.
+Kernel 2, ``scale_kernel``: every block reads the coefficient from device memory (or computes it
+from a norm there, for ``clip_grads_with_norm_``) and returns at once when it is >= 1, so a step
+that does not clip reads the grads once in all.
 
 Under ``NUMBA_ENABLE_CUDASIM=1`` the same kernel bodies run in numba's simulator; the few device
 primitives it cannot run (``@intrinsic``: address -> pointer, bit casts, 16-bit conversions,
@@ -49,10 +50,14 @@ CODE_MASK = 15
 COUNT_NONFINITE = 1  # count inf/NaN elements (rescans only chunks with a non-finite partial)
 RESULT_F64 = 2  # the norm and coefficient are float64 (any float64 grad), else float32
 
+# ``mode`` of ``scale_kernel``.
+SCALE_F64 = 1  # the value it reads is float64, else float32
+SCALE_FROM_NORM = 2  # the value is a norm: the kernel computes torch's coefficient from it
+
 # The kernels' argument types, for ahead-of-time compilation (PTX test, backend).
 POWER_SUMS_ARGS = "int64, int64, int64, int64, float64, int64, int64, float64, " \
                   "int64, int64, int64, int64, int64"
-SCALE_ARGS = "int64, int64, int64, int64, int64"
+SCALE_ARGS = "int64, int64, int64, int64, int64, float64"
 CLAMP_ARGS = "int64, int64, int64, float64"
 
 
@@ -694,27 +699,39 @@ def _root(total, kind, p):
 
 
 @_device
+def _coef_f64(norm, max_norm):
+    """``clamp(max_norm / (norm + 1e-6), max=1)`` exactly as torch evaluates it on a float64
+    norm: ``reciprocal(norm + 1e-6) * max_norm`` (NaN stays NaN)."""
+    c = (1.0 / add_rn(norm, 1e-6)) * max_norm
+    if c > 1.0:
+        c = 1.0
+    return c
+
+
+@_device
+def _coef_f32(n32, max_norm):
+    """The same on a float32 norm, in float32 (``max_norm`` rounded to float32, as torch does)."""
+    c32 = (np.float32(1.0) / (n32 + np.float32(1e-6))) * np.float32(max_norm)
+    if c32 > np.float32(1.0):
+        c32 = np.float32(1.0)
+    return c32
+
+
+@_device
 def _write_norm_coef(total, kind, p, flags, max_norm, norm_addr, coef_addr):
-    """Norm in the result dtype, then ``clamp(max_norm / (norm + 1e-6), max=1)`` exactly as
-    torch evaluates it: ``reciprocal(norm + 1e-6) * max_norm`` in the norm's dtype."""
+    """Norm in the result dtype, then torch's coefficient from it, in the same dtype."""
     norm = _root(total, kind, p)
     if flags & RESULT_F64:
         if norm_addr != 0:
             as_f64(norm_addr, 1)[0] = norm
         if coef_addr != 0:
-            c = (1.0 / add_rn(norm, 1e-6)) * max_norm
-            if c > 1.0:
-                c = 1.0
-            as_f64(coef_addr, 1)[0] = c
+            as_f64(coef_addr, 1)[0] = _coef_f64(norm, max_norm)
     else:
         n32 = np.float32(norm)
         if norm_addr != 0:
             as_f32(norm_addr, 1)[0] = n32
         if coef_addr != 0:
-            c32 = (np.float32(1.0) / (n32 + np.float32(1e-6))) * np.float32(max_norm)
-            if c32 > np.float32(1.0):
-                c32 = np.float32(1.0)
-            as_f32(coef_addr, 1)[0] = c32
+            as_f32(coef_addr, 1)[0] = _coef_f32(n32, max_norm)
 
 
 # --- kernel 1: per-chunk partials, per-tensor folds, and the last-block finalize -----------------
@@ -828,15 +845,21 @@ def power_sums_kernel(table, n, nc, kind, p, scratch, flags, max_norm,
 
 
 @_kernel
-def scale_kernel(table, n, nc, coef_addr, coef_is_f64):
-    """Multiply every writable tensor by the coefficient at ``coef_addr`` (float32, or float64
-    when ``coef_is_f64``), with torch's ``mul_`` rounding: 32- and 16-bit grads multiply in
-    float32 by float32(coef), float64 grads in float64. Returns at once when coef >= 1 (NaN is
-    applied, like torch)."""
-    if coef_is_f64:
-        c64 = as_f64(coef_addr, 1)[0]
+def scale_kernel(table, n, nc, value_addr, mode, max_norm):
+    """Multiply every writable tensor by a coefficient, with torch's ``mul_`` rounding: 32- and
+    16-bit grads multiply in float32 by float32(coef), float64 grads in float64. Returns at once
+    when coef >= 1 (NaN is applied, like torch).
+
+    The coefficient is the value at ``value_addr`` (float32, or float64 with ``SCALE_F64`` in
+    ``mode``), or with ``SCALE_FROM_NORM`` torch's coefficient computed from the norm stored
+    there and ``max_norm``, in the norm's dtype (``clip_grads_with_norm_`` in one launch).
+    """
+    if mode & SCALE_F64:
+        v = as_f64(value_addr, 1)[0]
+        c64 = _coef_f64(v, max_norm) if mode & SCALE_FROM_NORM else v
     else:
-        c64 = np.float64(as_f32(coef_addr, 1)[0])
+        v32 = as_f32(value_addr, 1)[0]
+        c64 = np.float64(_coef_f32(v32, max_norm) if mode & SCALE_FROM_NORM else v32)
     if c64 >= 1.0:
         return
     c32 = np.float32(c64)

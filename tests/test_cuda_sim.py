@@ -422,6 +422,84 @@ def test_expanded_grad_is_refused_before_any_write(cuda_backend, call):
         assert_bitwise_equal(g, b)
 
 
+@pytest.fixture
+def scale_modes(monkeypatch):
+    """The ``mode`` of every scale launch, in order."""
+    modes = []
+    launch = _cuda._scale
+
+    def spy(entry, args):
+        modes.append(args[4])
+        launch(entry, args)
+
+    monkeypatch.setattr(_cuda, "_scale", spy)
+    return modes
+
+
+def _torch_clip_grads_with_norm(grads, max_norm, total_norm):
+    """torch's own clip_grads_with_norm_ on copies of ``grads``; returns the copies."""
+    theirs = [g.clone() for g in grads]
+    torch.nn.utils.clip_grads_with_norm_(_params(theirs), max_norm, total_norm)
+    return theirs
+
+
+@needs_sim
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's notes on inf and NaN norms
+@pytest.mark.parametrize("norm_dtype", [torch.float32, torch.float64], ids=str)
+def test_clip_grads_with_norm_computes_the_coefficient_in_the_scale_kernel(
+        cuda_backend, scale_modes, monkeypatch, norm_dtype):
+    """One launch: the scale kernel computes torch's coefficient from the norm on the device, no
+    torch op runs on the norm first, and every grad ends bit for bit as torch leaves it."""
+    import fastclip.clip_grad as C
+
+    def no_torch_ops(*args):
+        raise AssertionError("the coefficient was computed by torch ops")
+
+    monkeypatch.setattr(C, "clip_coefficient", no_torch_ops)
+    base = _grads() + [torch.randn(50, dtype=torch.float64)]
+    clipped_any = False
+    for norm in (0.0, 1e-12, 0.3, 5.0, 1e30, math.inf, math.nan):
+        for max_norm in (0.0, 1e-3, 1.0, 7.5, math.inf):
+            if math.isnan(norm) and max_norm == 0.0:
+                continue  # torch's reciprocal(NaN) * 0: NaN either way; covered by max_norm 1.0
+            grads = [g.clone() for g in base]
+            total = torch.tensor(norm, dtype=norm_dtype)
+            scale_modes.clear()
+            fastclip.clip_grads_with_norm_(_params(grads), max_norm, total)
+            assert scale_modes == [K.SCALE_FROM_NORM | (K.SCALE_F64 if norm_dtype == torch.float64 else 0)]
+            for ours, theirs in zip(grads, _torch_clip_grads_with_norm(base, max_norm, total)):
+                # A NaN coefficient (a NaN norm, or inf with max_norm inf) makes NaN grads, and
+                # torch's bf16 NaN payload varies by code path.
+                nan_coef = math.isnan(float(reference_coef(max_norm, total)))
+                assert_bitwise_equal(ours, theirs, nan_bits=not nan_coef)
+            clipped_any |= not torch.equal(grads[0], base[0])
+    assert clipped_any  # negative control: some of these do clip
+
+
+@needs_sim
+def test_clip_grads_with_norm_falls_back_to_torch_ops_where_the_kernel_path_does_not_apply(
+        cuda_backend, scale_modes):
+    """A 16-bit norm, or memory listed twice: the coefficient comes from torch's ops and the
+    scale kernel reads it (no ``SCALE_FROM_NORM``); the grads still end as torch leaves them."""
+    base = _grads()
+    cases = [
+        (base, 0.5, torch.tensor(3.0, dtype=torch.bfloat16)),  # a bf16 norm: torch's ops round in bf16
+        ([base[0], base[1], base[0]], 0.5, torch.tensor(3.0)),  # the same grad listed twice
+    ]
+    for grads, max_norm, total in cases:
+        ours = [g.clone() for g in base]
+        listing = [next(o for o, b in zip(ours, base) if b is g) for g in grads]
+        scale_modes.clear()
+        fastclip.clip_grads_with_norm_(_params(listing), max_norm, total)
+        assert scale_modes and all(not m & K.SCALE_FROM_NORM for m in scale_modes)
+        theirs = [g.clone() for g in base]
+        their_listing = [next(t for t, b in zip(theirs, base) if b is g) for g in grads]
+        torch.nn.utils.clip_grads_with_norm_(_params(their_listing), max_norm, total)
+        for a, b in zip(ours, theirs):
+            assert_bitwise_equal(a, b)
+        assert not torch.equal(ours[0], base[0])  # it did clip
+
+
 # --- no host reads: the CUDA backend's calls never read a tensor value back ---------------------
 
 
