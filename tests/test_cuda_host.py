@@ -74,20 +74,21 @@ def test_a_launch_cuda_core_refuses_falls_back_to_numbas_dispatcher(monkeypatch)
         raise TypeError("unsupported kernel argument type")
 
     launcher, dispatcher, entry = _launcher(monkeypatch, refuse)
-    launcher(entry, (1, 2, 3, 4, 0))
-    assert dispatcher.calls == [((5, _cuda.K.THREADS, ("numba stream", 77)), (1, 2, 3, 4, 0))]
+    launcher(entry, (1, 2, 3, 4, 0, 0.0))
+    assert dispatcher.calls == [((5, _cuda.K.THREADS, ("numba stream", 77)), (1, 2, 3, 4, 0, 0.0))]
     assert launcher.per_device[0]["fast"] is None  # decided for this device
-    launcher(entry, (1, 2, 3, 4, 0))
+    launcher(entry, (1, 2, 3, 4, 0, 0.0))
     assert len(dispatcher.calls) == 2
 
 
 def test_fast_launches_convert_arguments_and_errors_after_success_propagate(monkeypatch):
     seen = []
     launcher, dispatcher, entry = _launcher(monkeypatch, lambda *a: seen.append(a))
-    launcher(entry, (1, 2, 3, 4, 0))
+    launcher(entry, (1, 2, 3, 4, 0, 0.0))
     stream, config, _, *args = seen[0]
     assert stream == ("stream", 77) and config == (5, _cuda.K.THREADS)
-    assert [type(a).__name__ for a in args] == ["c_long"] * 5 and [a.value for a in args] == [1, 2, 3, 4, 0]
+    assert [type(a).__name__ for a in args] == ["c_long"] * 5 + ["c_double"]  # max_norm
+    assert [a.value for a in args] == [1, 2, 3, 4, 0, 0.0]
     assert dispatcher.calls == []
 
     def refuse(*args):
@@ -95,4 +96,4 @@ def test_fast_launches_convert_arguments_and_errors_after_success_propagate(monk
 
     launcher.per_device[0]["fast"] = refuse
     with pytest.raises(TypeError, match="later failure"):  # a path that worked does not flip
-        launcher(entry, (1, 2, 3, 4, 0))
+        launcher(entry, (1, 2, 3, 4, 0, 0.0))
