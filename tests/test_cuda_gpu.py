@@ -139,6 +139,29 @@ def test_in_kernel_coefficient_is_torchs(C, result_dtype, p):
                 assert_bitwise_equal(g, b)
 
 
+@pytest.mark.parametrize("norm_dtype", [F32, F64])
+def test_clip_grads_with_norm_is_one_launch_with_torchs_coefficient(C, monkeypatch, norm_dtype):
+    """The scale kernel computes torch's coefficient from the norm on the device (CUDA's
+    division and rounding, not the simulator's): every grad equals the reference scaling by
+    torch's own coefficient ops, and no torch op ran on the norm first."""
+    import fastclip.clip_grad as CG
+
+    def no_torch_ops(*args):
+        raise AssertionError("the coefficient was computed by torch ops")
+
+    monkeypatch.setattr(CG, "clip_coefficient", no_torch_ops)
+    base = _grads(SETS["mixed"])
+    for value in (0.0, 1e-9, 0.37, 3.0, 123.456, 1e30, math.inf, math.nan):
+        for max_norm in (1e-4, 0.7, 1.0, 3e3):
+            norm = torch.tensor(value, dtype=norm_dtype, device="cuda")
+            grads = [g.clone() for g in base]
+            fastclip.clip_grads_with_norm_(_params(grads), max_norm, norm)
+            expected = [g.clone() for g in base]
+            scale_like_fastclip_(expected, reference_coef(max_norm, norm))
+            for g, e in zip(grads, expected):
+                assert_bitwise_equal(g, e, nan_bits=False)
+
+
 @pytest.mark.parametrize("dtype", [F16, BF16])
 def test_16bit_scaling_matches_torch_on_all_patterns(C, dtype):
     pats = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype).cuda()
