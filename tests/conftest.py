@@ -60,3 +60,24 @@ def build_calls(monkeypatch):
 
     monkeypatch.setattr(Plan, "build", classmethod(spy))
     return calls
+
+
+@pytest.fixture
+def cpu_kernel_calls(monkeypatch):
+    """Records the name of every CPU kernel entry that runs (``chunk_power_sums_parallel``,
+    ``scale_serial``, ``agc_rows_parallel``, ...), so a test can check that it really took the
+    thread-pool path it is about (the size above which it does is ``_cpu.PARALLEL_MIN_ELEMENTS``)."""
+    import numba
+    from fastclip.kernels import agc, cpu
+
+    calls = []
+    for module in (cpu, agc):
+        for name in dir(module):
+            obj = getattr(module, name)
+            if (name.endswith("_serial") or name.endswith("_parallel")) and \
+                    isinstance(obj, numba.core.dispatcher.Dispatcher):
+                def recording(*args, _kernel=obj, _name=name):
+                    calls.append(_name)
+                    return _kernel(*args)
+                monkeypatch.setattr(module, name, recording)
+    return calls

@@ -129,12 +129,15 @@ def test_matches_reference_all_shapes(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-def test_long_units_and_threads(dtype):
-    # Units longer than a chunk (64K) are split into pieces; 2 * numel >= 2**18 runs threaded.
-    shapes = [(150_000,), (2, 70_000), (300, 300), (5,)]
+def test_long_units_and_threads(dtype, cpu_kernel_calls):
+    # Units longer than a chunk (64K) are split into pieces; 2 * numel >= PARALLEL_MIN_ELEMENTS
+    # (weights and grads) runs threaded.
+    torch.set_num_threads(2)
+    shapes = [(150_000,), (2, 70_000), (1000, 800), (5,)]
     params = make_params(shapes, dtype, seed=2, grad_scales=(0.001, 0.05))
     ref = clone_params(params)
     fastclip.adaptive_grad_clip_(params, clipping=0.02, eps=1e-2)
+    assert cpu_kernel_calls == ["agc_rows_parallel", "agc_pieces_parallel"]
     agc_reference_(ref, clipping=0.02, eps=1e-2)
     assert_grads_match(params, ref)
 

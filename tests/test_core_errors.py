@@ -221,8 +221,8 @@ NONFINITE_CASES += [(bad, "big-strided", 2.0) for bad in (float("nan"), float("i
 def test_error_if_nonfinite_raises_before_any_write(bad, where, norm_type):
     params, grads = grad_params()
     if where == "big-strided":
-        base = random_grad((600, 900), torch.float32, 10.0)  # above the threaded-kernel threshold
-        base[599, 897] = bad
+        base = random_grad((2400, 900), torch.float32, 10.0)  # strided view above the threaded size
+        base[2399, 897] = bad
         params.append(param_with_grad(base[:, ::3]))
         grads.append(base[:, ::3].clone())
     else:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fastclip
+from fastclip import _cpu
 from fastclip.kernels.layout import DEFAULT_CHUNK_SIZE
 from reference import (
     ALL_DTYPES,
@@ -41,8 +42,8 @@ def _sliced(dtype):
     return t
 
 
-# name -> tensor factory. Sizes straddle the kernels' 64K chunk and the 2**18-element threshold
-# above which the threaded kernels run.
+# name -> tensor factory. Sizes straddle the kernels' 64K chunk and the size above which the
+# threaded kernels run (``_cpu.PARALLEL_MIN_ELEMENTS``).
 SHAPES = {
     "empty": lambda dt: random_grad((0,), dt),
     "one": lambda dt: random_grad((1,), dt),
@@ -50,7 +51,7 @@ SHAPES = {
     "3d-odd": lambda dt: random_grad((3, 5, 7), dt),
     "chunk+1": lambda dt: random_grad((CHUNK + 1,), dt),
     "3chunks+odd": lambda dt: random_grad((3 * CHUNK + 5,), dt),
-    "parallel": lambda dt: random_grad(((1 << 18) + 3,), dt),
+    "parallel": lambda dt: random_grad((_cpu.PARALLEL_MIN_ELEMENTS + 3,), dt),
     "transposed": _transposed,
     "sliced": _sliced,
 }

@@ -19,11 +19,13 @@ import pytest
 import torch
 
 import fastclip
+from fastclip import _cpu
 from fastclip.kernels.layout import DEFAULT_CHUNK_SIZE
 from reference import assert_bitwise_equal, param_with_grad, random_grad
 
-# Above the size where the CPU backend runs its kernels on several threads.
-BIG = (1 << 18) + 12345
+# Above the size where the CPU backend runs its kernels on several threads (one tensor alone
+# crosses it; ``test_big_sets_take_the_thread_pool`` checks that they do).
+BIG = _cpu.PARALLEL_MIN_ELEMENTS + 12345
 
 
 def mixed_big_set():
@@ -32,6 +34,19 @@ def mixed_big_set():
     grads += [random_grad((n,), torch.float32) for n in (1, 17, 4096, DEFAULT_CHUNK_SIZE + 1)]
     grads.append(random_grad((700, 300), torch.float32).t())
     return grads
+
+
+def test_big_sets_take_the_thread_pool(cpu_kernel_calls):
+    """What the tests below rely on: with two torch threads, a big set runs every pass on the
+    thread pool, and with one thread on the calling thread."""
+    for threads, variant in ((2, "_parallel"), (1, "_serial")):
+        torch.set_num_threads(threads)
+        cpu_kernel_calls.clear()
+        params = [param_with_grad(g.clone()) for g in mixed_big_set()]
+        fastclip.clip_grad_norm_(params, 1.0)
+        fastclip.clip_grad_value_(params, 1e-3)
+        assert cpu_kernel_calls == ["chunk_power_sums" + variant, "scale" + variant,
+                                    "clamp" + variant], cpu_kernel_calls
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
