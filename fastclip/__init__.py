@@ -19,6 +19,7 @@ from fastclip.step import clip_and_step
 from fastclip.agc import adaptive_grad_clip_
 from fastclip.clipper import GradClipper
 from fastclip.policies import AutoClip, ZClip
+from fastclip.warmup import warmup
 
 __version__ = "0.1.0"
 
@@ -37,4 +38,5 @@ __all__ = [
     "AutoClip",
     "ZClip",
     "adaptive_grad_clip_",
+    "warmup",
 ]

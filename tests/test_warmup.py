@@ -1,0 +1,92 @@
+"""``fastclip.warmup()`` compiles every kernel a training loop can reach, so that a later process
+with the same cache compiles nothing; it changes nothing the caller can see."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fastclip
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+# A later process: every public path that reaches a CPU kernel (the runtime test's exercise, plus
+# AGC, the non-finite count and the clipper's zeroing), then each kernel dispatcher's cache
+# statistics.
+_LATER = textwrap.dedent("""
+    import json, math, sys
+    sys.path.insert(0, sys.argv[1])
+    import torch, fastclip
+    from numba.core.dispatcher import Dispatcher
+    from fastclip.kernels import agc, cpu, layout
+    from test_core_runtime import _exercise
+    from reference import param_with_grad
+    _exercise()
+    for n in (300, 1 << 21):
+        params = [param_with_grad(torch.randn(n // 100, 100)), param_with_grad(torch.randn(70000))]
+        fastclip.adaptive_grad_clip_(params)
+        params[0].grad[0, 0] = math.nan
+        fastclip.clip_grad_norm_(params, 1.0, stats=fastclip.ClipStats())
+        fastclip.GradClipper(params, nonfinite="zero").step()
+    stats = {}
+    for module in (agc, cpu, layout):
+        for name, obj in vars(module).items():
+            if isinstance(obj, Dispatcher) and obj.signatures:
+                stats[module.__name__ + "." + name] = [sum(obj.stats.cache_hits.values()),
+                                                       sum(obj.stats.cache_misses.values())]
+    print(json.dumps(stats))
+""")
+
+
+def _run(code, cache_dir, *args):
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(cache_dir))
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip().splitlines()[-1]
+
+
+def test_a_process_after_warmup_compiles_nothing(tmp_path):
+    cache = tmp_path / "numba-cache"
+    cache.mkdir()
+    assert not any(cache.iterdir())  # so every cache hit below comes from warmup()
+    timings = json.loads(_run("import json, fastclip; print(json.dumps(fastclip.warmup(cuda=False)))",
+                              cache))
+    assert list(timings) == ["cpu"] and timings["cpu"] > 0
+    stats = json.loads(_run(_LATER, cache, TESTS))
+    used = {name for name, (hits, misses) in stats.items() if hits or misses}
+    # The norm, scale and clamp kernels on both paths, the chunk table, the non-finite count, AGC.
+    for kernel in ("cpu.chunk_power_sums_serial", "cpu.chunk_power_sums_parallel", "cpu.scale_serial",
+                   "cpu.scale_parallel", "cpu.clamp_serial", "cpu.clamp_parallel",
+                   "cpu.count_nonfinite", "layout._chunk_arrays"):
+        assert f"fastclip.kernels.{kernel}" in used, sorted(used)
+    assert any(".agc." in name for name in used), sorted(used)
+    compiled = {name: s for name, s in stats.items() if s[1]}
+    assert not compiled, f"compiled after warmup(): {compiled}"
+
+
+def test_warmup_changes_nothing_the_caller_sees():
+    torch.manual_seed(5)
+    rng = torch.get_rng_state()
+    threads = torch.get_num_threads()
+    with torch.enable_grad():
+        timings = fastclip.warmup(cuda=False)
+        assert torch.is_grad_enabled()
+    assert torch.equal(torch.get_rng_state(), rng)  # no random numbers drawn
+    assert torch.get_num_threads() == threads
+    assert set(timings) == {"cpu"}
+
+
+def test_warmup_argument_errors():
+    with pytest.raises(TypeError, match="`cuda`"):
+        fastclip.warmup(cuda="yes")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: cuda=True is valid here")
+    with pytest.raises(RuntimeError, match="`cuda=True`"):
+        fastclip.warmup(cuda=True)
