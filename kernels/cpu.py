@@ -140,7 +140,7 @@ def f32_to_bf16(value):
 # order, with every NaN above inf, so one integer max finds the largest |x|, lets NaN win, and
 # vectorizes.
 
-STREAMS = 4
+STREAMS = 4  # the loops below are written out for exactly four
 
 
 def _streamed_sum(load, op):
