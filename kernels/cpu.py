@@ -128,8 +128,8 @@ def f32_to_bf16(value):
 # --- per-chunk bodies, read as interleaved streams ---------------------------------------------
 # A chunk is walked as STREAMS equal sub-ranges advanced together (then a short tail): four
 # hardware-prefetch streams in flight instead of one. On the 2-core CI machine this made the norm
-# pass ~25% faster (it had run at ~75% of a one-stream read loop) and the scale pass ~20% faster
-# (benchmarks/README.md, "Interleaved streams"). Each stream keeps its own float64 accumulator and
+# pass ~25% faster (it had run at 67-79% of a one-stream read loop) and the scale pass ~15-25%
+# faster (benchmarks/README.md, "Interleaved streams"). Each stream keeps its own float64 accumulator and
 # they are combined as (a + b) + (c + d): the order depends on the chunk alone, so every result
 # stays bitwise identical for any thread count.
 #
