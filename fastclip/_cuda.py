@@ -487,4 +487,5 @@ def fused_clip_with_norm_(table: TensorTable, max_norm: float, total_norm: torch
 
 
 __all__ = ["PowerSums", "is_available", "power_sums", "scale_", "clamp_", "fused_norm",
-           "fused_clip_", "fused_clip_with_norm_", "device_table", "host_table", "clear_cache", "launch_path", "upload_int64"]
+           "fused_clip_", "fused_clip_with_norm_", "device_table", "host_table", "clear_cache",
+           "launch_path", "upload_int64"]
