@@ -22,7 +22,8 @@ import torch
 
 from fastclip import _cpu
 from fastclip.agc import adaptive_grad_clip_
-from fastclip.clip_grad import clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_, get_total_norm
+from fastclip.clip_grad import (clip_grad_norm_, clip_grad_value_, clip_grads_with_norm_,
+                                 get_total_norm)
 from fastclip.clipper import GradClipper
 from fastclip.kernels.layout import DEFAULT_CHUNK_SIZE
 from fastclip.stats import ClipStats
@@ -85,7 +86,8 @@ def warmup(cuda: Optional[bool] = None) -> dict:
         python -c "import fastclip; fastclip.warmup()"
     """
     if cuda is not None and not isinstance(cuda, bool):
-        raise TypeError(f"fastclip.warmup: `cuda` must be True, False or None, got {type(cuda).__name__}")
+        raise TypeError("fastclip.warmup: `cuda` must be True, False or None, "
+                        f"got {type(cuda).__name__}")
     if cuda is not False:
         available = _cuda_usable()
         if cuda and not available:
