@@ -2,10 +2,11 @@
 
 numba compiles each kernel at its first call and caches it on disk, next to the kernels
 (``fastclip/kernels/__pycache__``) or under ``NUMBA_CACHE_DIR``. A job that starts from an image
-whose cache is empty pays that compilation inside its first training step: about 11 s for the
-CPU kernels on the 2-core CI machine. Running ``warmup()`` once where the cache persists (while
-building the image) takes it out of every job; in a process whose cache is warm it loads the
-kernels (~0.2 s, mostly numba's one-time set-up) ahead of the first step instead of during it.
+whose cache is empty pays that compilation inside its first training steps: on the 2-core CI
+machine ~7 s at the first clip of a small set, ~4 s more at the first large one, 20 s for every CPU
+kernel. Running ``warmup()`` once where the cache persists (while building the image) takes it
+out of every job; in a process whose cache is warm it loads the kernels (~0.3 s, mostly numba's
+one-time set-up) ahead of the first step instead of during it.
 
 It works by calling fastclip's public functions on small scratch tensors of every dtype, on both
 the calling-thread and the thread-pool paths, so exactly the kernels a training loop would reach
