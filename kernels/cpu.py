@@ -381,26 +381,24 @@ def _clamp_f64(addr, j, bound):
         y[j] = -bound
 
 
-@njit(inline="always", **_JIT)
-def _clamp_half(addr, j, bound):
-    h = u16_ptr(addr)
-    b32 = np.float32(bound)
-    v = half_to_f32(h[j])
-    if v > b32:
-        h[j] = f32_to_half(b32)
-    elif v < -b32:
-        h[j] = f32_to_half(b32) | np.uint16(0x8000)
+def _clamp_16bit(decode, encode):
+    """The clamp step for one 16-bit format (float16 or bfloat16 bits)."""
+
+    @njit(inline="always", **_JIT)
+    def clamp(addr, j, bound):
+        h = u16_ptr(addr)
+        b32 = np.float32(bound)
+        v = decode(h[j])
+        if v > b32:
+            h[j] = encode(b32)
+        elif v < -b32:
+            h[j] = encode(b32) | np.uint16(0x8000)
+
+    return clamp
 
 
-@njit(inline="always", **_JIT)
-def _clamp_bf16(addr, j, bound):
-    h = u16_ptr(addr)
-    b32 = np.float32(bound)
-    v = bf16_to_f32(h[j])
-    if v > b32:
-        h[j] = f32_to_bf16(b32)
-    elif v < -b32:
-        h[j] = f32_to_bf16(b32) | np.uint16(0x8000)
+_clamp_half = _clamp_16bit(half_to_f32, f32_to_half)
+_clamp_bf16 = _clamp_16bit(bf16_to_f32, f32_to_bf16)
 
 
 _f32_scale = _streamed_update(_scale_f32)

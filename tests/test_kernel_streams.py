@@ -109,31 +109,26 @@ def test_inf_norm_finds_the_largest_value_in_every_position(dtype, chunk_size, n
                 assert got[c] == want or (math.isnan(want) and math.isnan(got[c])), (pos, c)
 
 
-@pytest.mark.parametrize("n_groups", GROUPS)
-@pytest.mark.parametrize("chunk_size", CHUNK_SIZES)
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-def test_scale_writes_every_element_once(dtype, chunk_size, n_groups):
-    # Against torch's mul_, bit for bit: an element scaled twice or skipped differs.
-    tensors = [torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype) for n in LENGTHS]
-    want = [t.clone().mul_(0.3) for t in tensors]
-    chunks = chunked(tensors, chunk_size, n_groups)
-    addrs, codes = table(tensors)
-    run = K.scale_serial if n_groups == 1 else K.scale_parallel
-    run(addrs, codes, chunks.tensor, chunks.start, chunks.stop, chunks.group_bounds, 0.3)
-    for got, w in zip(tensors, want):
-        assert_bitwise_equal(got, w)
+# write kernel -> (its argument, torch's op on one tensor)
+WRITES = {
+    "scale": (0.3, lambda t: t.mul_(0.3)),
+    "clamp": (0.5, lambda t: t.clamp_(-0.5, 0.5)),
+}
 
 
 @pytest.mark.parametrize("n_groups", GROUPS)
 @pytest.mark.parametrize("chunk_size", CHUNK_SIZES)
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-def test_clamp_matches_torch_in_every_position(dtype, chunk_size, n_groups):
+@pytest.mark.parametrize("op", list(WRITES))
+def test_writes_match_torch_in_every_position(op, dtype, chunk_size, n_groups):
+    # Against torch's own op, bit for bit: an element written twice or skipped differs.
+    arg, torch_op = WRITES[op]
     tensors = [torch.randn(n, generator=torch.Generator().manual_seed(n)).to(dtype) for n in LENGTHS]
-    want = [t.clone().clamp_(-0.5, 0.5) for t in tensors]
+    want = [torch_op(t.clone()) for t in tensors]
     chunks = chunked(tensors, chunk_size, n_groups)
     addrs, codes = table(tensors)
-    run = K.clamp_serial if n_groups == 1 else K.clamp_parallel
-    run(addrs, codes, chunks.tensor, chunks.start, chunks.stop, chunks.group_bounds, 0.5)
+    run = getattr(K, op + ("_serial" if n_groups == 1 else "_parallel"))
+    run(addrs, codes, chunks.tensor, chunks.start, chunks.stop, chunks.group_bounds, arg)
     for got, w in zip(tensors, want):
         assert_bitwise_equal(got, w)
 
