@@ -97,7 +97,14 @@ def warmup(cuda: Optional[bool] = None) -> dict:
         cuda = available
     timings = {}
     t0 = time.perf_counter()
-    _exercise(torch.device("cpu"))
+    threads = torch.get_num_threads()
+    if threads < 2:  # an image is often built on one core: still compile the thread-pool kernels
+        torch.set_num_threads(2)
+    try:
+        _exercise(torch.device("cpu"))
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
     timings["cpu"] = time.perf_counter() - t0
     if cuda:
         t0 = time.perf_counter()
