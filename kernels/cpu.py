@@ -129,9 +129,9 @@ def f32_to_bf16(value):
 # A chunk is walked as STREAMS equal sub-ranges advanced together (then a short tail): four
 # hardware-prefetch streams in flight instead of one. On the 2-core CI machine this made the norm
 # pass ~25% faster (it had run at 67-79% of a one-stream read loop) and the scale pass ~15-25%
-# faster (benchmarks/README.md, "Interleaved streams"). Each stream keeps its own float64 accumulator and
-# they are combined as (a + b) + (c + d): the order depends on the chunk alone, so every result
-# stays bitwise identical for any thread count.
+# faster (benchmarks/README.md, "Interleaved streams"). Each stream keeps its own float64
+# accumulator and they are combined as (a + b) + (c + d): the order depends on the chunk alone, so
+# every result stays bitwise identical for any thread count.
 #
 # The loops are built by small factories from per-element helpers (load one element, square it,
 # ...), one instance per dtype, so that every loop LLVM sees is a plain loop over one dtype and one
