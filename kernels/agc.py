@@ -25,10 +25,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit, prange
+from numba import prange
 
 from .cpu import f32_as_u32, f32_ptr, f32_to_half, f64_ptr, half_to_f32, u16_ptr, u32_as_f32
 from .layout import DEFAULT_CHUNK_SIZE, FLOAT16, FLOAT32, FLOAT64, _balanced_bounds
+from .startup import njit
 
 _FAST = {"reassoc", "contract"}  # no 'nnan'/'ninf': NaN and inf must survive (see cpu.py)
 _JIT = dict(nogil=True, cache=True, fastmath=_FAST, error_model="numpy", boundscheck=False)

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import prange, types
 from numba.extending import intrinsic
 
-from .startup import defer_blas_check
 from .layout import FLOAT16, FLOAT32, FLOAT64, NORM_INF, NORM_L1, NORM_L2
-
-defer_blas_check()
+from .startup import njit
 
 # Reassociation lets LLVM split float64 reductions over vector lanes (a fixed order, so still
 # deterministic); 'contract' allows FMA. No 'nnan'/'ninf': NaN and inf must survive.

@@ -16,7 +16,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from numba import njit
+
+from .startup import njit
 
 # Dtype codes. 16-bit floats are read through their bits (uint16): numba's CPU target cannot
 # do float16 arithmetic and bfloat16 has no numpy dtype.
