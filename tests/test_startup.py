@@ -89,9 +89,13 @@ _CHILD = textwrap.dedent("""
     norm = fastclip.clip_grad_norm_([w], 1.0)
     hits = sum(cpu.chunk_power_sums_serial.stats.cache_hits.values())
     misses = sum(cpu.chunk_power_sums_serial.stats.cache_misses.values())
-    print(json.dumps({"norm": norm.item(), "grad": w.grad.tolist(), "refreshes": len(refreshes),
-                      "hits": hits, "misses": misses,
-                      "registries": "numba.cpython.listobj" in sys.modules}))
+    report = {"norm": norm.item(), "grad": w.grad.tolist(), "refreshes": len(refreshes),
+              "hits": hits, "misses": misses, "registries": "numba.cpython.listobj" in sys.modules}
+    # numba still compiles afterwards, registries and all (lists, sorting, numpy).
+    import numba, numpy as np
+    report["compiled"] = numba.njit(lambda a: sorted(list(a))[0] + np.sum(a))(np.arange(3.0))
+    report["refreshes_after_compiling"] = len(refreshes)
+    print(json.dumps(report))
 """)
 
 
@@ -106,6 +110,7 @@ def test_a_fresh_process_loads_from_the_cache(case, norm_library):
     assert report["norm"] == torch.nn.utils.clip_grad_norm_([w], 1.0).item() == 5.0
     assert report["grad"] == w.grad.tolist()
     assert (report["hits"], report["misses"]) == (1, 0)  # from the cache either way
+    assert report["compiled"] == 3.0 and report["refreshes_after_compiling"] > report["refreshes"]
     if case == "known symbols":
         assert report["refreshes"] == 0 and not report["registries"]
     else:  # numba's own load, registry set-up included
