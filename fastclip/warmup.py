@@ -5,8 +5,8 @@ numba compiles each kernel at its first call and caches it on disk, next to the 
 whose cache is empty pays that compilation inside its first training steps: on the 2-core CI
 machine ~7 s at the first clip of a small set, ~4 s more at the first large one, 20 s for every CPU
 kernel. Running ``warmup()`` once where the cache persists (while building the image) takes it
-out of every job; in a process whose cache is warm it loads the kernels (~0.3 s, mostly numba's
-one-time set-up) ahead of the first step instead of during it.
+out of every job; in a process whose cache is warm it loads every kernel (0.17–0.21 s there)
+ahead of the first step instead of during it.
 
 It works by calling fastclip's public functions on small scratch tensors of every dtype, on both
 the calling-thread and the thread-pool paths, so exactly the kernels a training loop would reach
