@@ -14,7 +14,7 @@ import numba
 import numpy as np
 import torch
 
-from fastclip._table import TensorTable
+from fastclip._table import TensorTable, mark_written
 from fastclip.kernels import cpu as K
 from fastclip.kernels.layout import ChunkTable, build_chunk_table, norm_kind
 
@@ -55,12 +55,15 @@ def _numba_threads() -> Iterator[None]:
                 torch.set_num_threads(torch_threads)
 
 
-def _chunks(table: TensorTable, writable: bool = False) -> ChunkTable:
-    """The table's chunks, split into work groups; built once per table."""
-    key = ("cpu", writable and bool(table.strided))
+def _chunks(table: TensorTable, skip: tuple = ()) -> ChunkTable:
+    """The table's chunks, split into work groups; built once per table and ``skip``.
+
+    ``skip``: indices of tensors the kernel must leave alone (torch writes them instead).
+    """
+    key = ("cpu", skip)
     cached = table.chunk_cache.get(key)
     if cached is None:
-        lengths = table.writable_lengths() if key[1] else table.lengths
+        lengths = table.lengths_without(skip)
         # Small sets run as one group on the calling thread (see kernels/cpu.py).
         n_groups = torch.get_num_threads() if int(lengths.sum()) >= PARALLEL_MIN_ELEMENTS else 1
         cached = table.chunk_cache[key] = build_chunk_table(lengths, n_groups=n_groups)
@@ -96,8 +99,9 @@ def power_sums(table: TensorTable, p: float, count_nonfinite: bool = False) -> P
     return PowerSums(float(total), per_tensor, nonfinite)
 
 
-def scale_(table: TensorTable, coef: float) -> None:
-    """Multiply every tensor of ``table`` by ``coef`` in place (torch's ``mul_`` rounding).
+def scale_(table: TensorTable, coef: float, coef_dtype: torch.dtype = torch.float32) -> None:
+    """Multiply every tensor of ``table`` by ``coef`` in place, as torch's ``g.mul_(c)`` does
+    with ``c`` a 0-d ``coef_dtype`` tensor holding ``coef``.
 
     A coefficient >= 1 means torch would multiply by exactly 1: nothing changes, so nothing is
     written. NaN (from a NaN norm) is not >= 1 and is applied, as torch does.
@@ -105,22 +109,30 @@ def scale_(table: TensorTable, coef: float) -> None:
     if coef >= 1.0:
         return
     table.check_writable()
-    chunks = _chunks(table, writable=True)
-    if chunks.group_bounds.shape[0] > 2 and table.overlapping().size:
+    by_torch = tuple(table.strided) + table.promoted_scalars(coef_dtype)
+    chunks = _chunks(table, by_torch)
+    if chunks.group_bounds.shape[0] > 2 and table.overlapping(by_torch).size:
         # The same memory listed twice (e.g. one grad passed twice) is scaled twice by torch, one
         # multiply after the other; threads would race on it. One group runs the chunks in order.
         chunks = chunks._replace(group_bounds=np.array([0, chunks.n_chunks], dtype=np.int64))
     _launch(K.scale_serial, K.scale_parallel, table, chunks, float(coef))
-    for i in table.strided:
-        table.tensors[i].mul_(coef)
+    mark_written(table.tensors)
+    if by_torch:
+        c = torch.tensor(coef, dtype=coef_dtype)
+        for i in by_torch:
+            table.tensors[i].mul_(c)
 
 
 def clamp_(table: TensorTable, bound: float) -> None:
     """Clamp every tensor of ``table`` to ``[-bound, bound]`` in place."""
     table.check_writable()
-    _launch(K.clamp_serial, K.clamp_parallel, table, _chunks(table, writable=True), float(bound))
-    for i in table.strided:
-        table.tensors[i].clamp_(min=-bound, max=bound)
+    # Strided tensors are read through their contiguous copies (``table.copies``): clamp those
+    # with the others, then copy them back, so every dtype gets the same clamp (torch's
+    # ``clamp_`` would refuse a bound beyond float16's range, after the kernel had written).
+    _launch(K.clamp_serial, K.clamp_parallel, table, _chunks(table), float(bound))
+    mark_written(table.tensors)
+    for i, copy in zip(table.strided, table.copies):
+        table.tensors[i].copy_(copy)
 
 
 __all__ = ["PowerSums", "power_sums", "scale_", "clamp_"]

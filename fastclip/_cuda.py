@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from fastclip._cpu import PowerSums
-from fastclip._table import TensorTable
+from fastclip._table import TensorTable, mark_written
 from fastclip.kernels import cuda as K
 from fastclip.kernels.layout import DEFAULT_CHUNK_SIZE, build_chunk_table, norm_kind
 
@@ -332,11 +332,13 @@ def upload_int64(host: np.ndarray, device: torch.device, capturing: Optional[boo
     return out
 
 
-def _upload(table: TensorTable, device: torch.device, stream: int, capturing: bool) -> _DeviceTable:
+def _upload(table: TensorTable, device: torch.device, stream: int, capturing: bool,
+            scalars: tuple = ()) -> _DeviceTable:
     # Blocks write their chunks concurrently: memory listed twice would race (torch scales it
-    # twice, one multiply after the other), so its later listings are left to torch.
+    # twice, one multiply after the other), so its later listings are left to torch; so are
+    # ``scalars`` (see ``device_table``).
     overlapping = table.overlapping()
-    host, n, nc = host_table(table, readonly=overlapping)
+    host, n, nc = host_table(table, readonly=sorted(set(overlapping.tolist()) | set(scalars)))
     slots = K.scratch_slots(n, nc)
     if device.type != "cuda":  # the simulator: "device" memory is host memory
         table_tensor = torch.from_numpy(host)
@@ -345,7 +347,7 @@ def _upload(table: TensorTable, device: torch.device, stream: int, capturing: bo
         table_tensor = upload_int64(host, device, capturing)
         scratch = torch.zeros(slots, dtype=torch.int64, device=device)
     grid = max(1, min(nc, _max_blocks(device)))
-    torch_written = sorted(set(table.strided) | set(overlapping.tolist()))
+    torch_written = sorted(set(table.strided) | set(overlapping.tolist()) | set(scalars))
     return _DeviceTable(device, stream, n, nc, grid, table_tensor, scratch, torch_written)
 
 
@@ -356,17 +358,21 @@ def device_table(table: TensorTable) -> _DeviceTable:
         return entry
     device = table.tensors[0].device
     stream = _stream_handle(device)
+    # 0-d grads narrower than float64 are scaled by torch's mul_: times a float64 coefficient
+    # (a float64 grad in the set) torch multiplies two 0-d operands in float64 and rounds once,
+    # where the kernel multiplies in float32. A few scalars per model: one small launch each.
+    scalars = table.promoted_scalars(torch.float64)
     if _capturing(device):
-        entry = _upload(table, device, stream, capturing=True)
+        entry = _upload(table, device, stream, capturing=True, scalars=scalars)
     else:
         key = (device.index, stream, table.addrs.tobytes(), table.lengths.tobytes(),
-               table.codes.tobytes(), tuple(table.strided))
+               table.codes.tobytes(), tuple(table.strided), scalars)
         with _lock:
             entry = _cache.get(key)
             if entry is not None:
                 _cache.move_to_end(key)
         if entry is None:
-            entry = _upload(table, device, stream, capturing=False)
+            entry = _upload(table, device, stream, capturing=False, scalars=scalars)
             with _lock:
                 _cache[key] = entry
                 while len(_cache) > CACHE_SIZE:
@@ -423,6 +429,7 @@ def scale_(table: TensorTable, coef: torch.Tensor) -> None:
         coef = coef.to(entry.device, non_blocking=True)
     _scale(entry, (entry.table, entry.n, entry.nc, coef.data_ptr(),
                    K.SCALE_F64 if coef.dtype == torch.float64 else 0, 0.0))
+    mark_written(table.tensors)  # as torch's mul_ would, whether or not the kernel wrote
     for i in entry.torch_written:
         table.tensors[i].mul_(coef)
 
@@ -432,8 +439,19 @@ def clamp_(table: TensorTable, bound: float) -> None:
     table.check_writable()
     entry = device_table(table)
     _clamp(entry, (entry.table, entry.n, entry.nc, float(bound)))
+    mark_written(table.tensors)
     for i in entry.torch_written:
-        table.tensors[i].clamp_(min=-bound, max=bound)
+        t = table.tensors[i]
+        if t.dtype == torch.float64:
+            t.clamp_(min=-bound, max=bound)
+            continue
+        # Like the kernel: compare in float64, store the bound rounded to the dtype, leave the
+        # other elements (NaN payloads included) alone. torch's clamp_ in a narrower dtype
+        # refuses a bound beyond its range (7e4 for float16, say), and the kernel has written.
+        wide = t.double()
+        limit = torch.full((), bound, dtype=torch.float64, device=t.device).to(t.dtype)
+        t.masked_fill_(wide > bound, limit)
+        t.masked_fill_(wide < -bound, -limit)
 
 
 def fused_norm(table: TensorTable, p: float, dtype: torch.dtype) -> torch.Tensor:
@@ -460,6 +478,7 @@ def fused_clip_(table: TensorTable, p: float, max_norm: float, dtype: torch.dtyp
                         K.RESULT_F64 if is_f64 else 0, float(max_norm),
                         0, norm.data_ptr(), coef_addr, 0, 0))
     _scale(entry, (entry.table, entry.n, entry.nc, coef_addr, K.SCALE_F64 if is_f64 else 0, 0.0))
+    mark_written(table.tensors)
     if entry.torch_written:
         slot = entry.scratch_tensor[K.SCRATCH_COEF:K.SCRATCH_COEF + 1]
         coef = slot.view(torch.float64)[0] if is_f64 else slot.view(torch.float32)[0]
@@ -483,6 +502,7 @@ def fused_clip_with_norm_(table: TensorTable, max_norm: float, total_norm: torch
         return False
     mode = K.SCALE_FROM_NORM | (K.SCALE_F64 if total_norm.dtype == torch.float64 else 0)
     _scale(entry, (entry.table, entry.n, entry.nc, total_norm.data_ptr(), mode, float(max_norm)))
+    mark_written(table.tensors)
     return True
 
 

@@ -195,11 +195,14 @@ class Plan:
         return norm
 
     def scale_(self, coef: Union[float, torch.Tensor]) -> None:
-        """Multiply every tensor by ``coef`` (a 0-d tensor, or a float for a host-only plan);
-        the backends skip the pass when coef >= 1."""
+        """Multiply every tensor by ``coef`` (a 0-d tensor, or a float for a host-only plan, then
+        of the plan's norm dtype); the backends skip the pass when coef >= 1."""
         for s in self.sets:
             if s.backend.RESULTS_ON_HOST:
-                s.backend.scale_(s.table, coef if isinstance(coef, float) else coef.item())
+                if isinstance(coef, float):  # the host coefficient of this plan's norm
+                    s.backend.scale_(s.table, coef, self.dtype)
+                else:
+                    s.backend.scale_(s.table, coef.item(), coef.dtype)
             else:
                 s.backend.scale_(s.table, coef.to(s.device, non_blocking=True))
 

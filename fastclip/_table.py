@@ -105,13 +105,27 @@ class TensorTable:
             codes = np.array([DTYPE_CODES[d] for d in dtypes], dtype=np.int64)
         return cls(tensors, addrs, lengths, codes, strided, copies)
 
-    def writable_lengths(self) -> np.ndarray:
-        """Lengths with the strided tensors masked out, for the write kernels."""
-        if not self.strided:
+    def lengths_without(self, skip=()) -> np.ndarray:
+        """Lengths with the tensors at indices ``skip`` masked out (0), for kernels that must
+        leave them to torch."""
+        if not skip:
             return self.lengths
         lengths = self.lengths.copy()
-        lengths[self.strided] = 0
+        lengths[list(skip)] = 0
         return lengths
+
+    def promoted_scalars(self, coef_dtype: torch.dtype) -> tuple:
+        """Indices of the 0-d tensors that torch's ``g.mul_(c)``, with ``c`` a 0-d tensor of
+        ``coef_dtype``, computes in float64 where the scale kernel computes in float32.
+
+        Two 0-d operands promote (float32 grad times float64 coefficient: float64, then one
+        rounding), while a grad with dimensions keeps its dtype (float32 arithmetic on the
+        coefficient rounded to float32), which is what the kernel does for every grad.
+        """
+        if coef_dtype != torch.float64:
+            return ()
+        ones = np.flatnonzero((self.lengths == 1) & (self.codes != FLOAT64))
+        return tuple(int(i) for i in ones if self.tensors[i].dim() == 0)
 
     def check_writable(self) -> None:
         """Raise before any write when torch would refuse to write a strided tensor in place (an
@@ -124,14 +138,15 @@ class TensorTable:
                     "several of its elements share one memory location, so it cannot be written in "
                     "place. Give it its own memory first (p.grad = p.grad.clone()).")
 
-    def overlapping(self) -> np.ndarray:
-        """Indices of the tensors written through the table whose memory overlaps that of a
-        tensor before them in address order (one grad listed twice, overlapping views).
+    def overlapping(self, skip=()) -> np.ndarray:
+        """Indices of the tensors written through the table (all but the strided ones and
+        ``skip``) whose memory overlaps that of a tensor before them in address order (one
+        grad listed twice, overlapping views).
 
         torch scales such memory once per listing, one multiply after the other; kernels that
         write tensors concurrently must leave these to be written after them, in order.
         """
-        lengths = self.writable_lengths()
+        lengths = self.lengths_without(tuple(self.strided) + tuple(skip))
         live = np.flatnonzero(lengths > 0)
         order = np.argsort(self.addrs[live], kind="stable")
         live = live[order]
@@ -140,3 +155,13 @@ class TensorTable:
         later = np.zeros(live.shape[0], dtype=bool)
         later[1:] = starts[1:] < np.maximum.accumulate(ends)[:-1]
         return live[later]
+
+
+def mark_written(tensors: list[torch.Tensor]) -> None:
+    """Tell autograd that a kernel wrote ``tensors`` in place, as torch's in-place ops do.
+
+    Their version counters go up, so a graph that saved one of them (a gradient penalty built
+    with ``create_graph=True``, say) refuses to backward through it, as it would after torch's
+    ``mul_``, instead of silently using the new values.
+    """
+    torch.autograd.graph.increment_version(tensors)

@@ -12,6 +12,7 @@ import warnings
 from collections import abc
 from typing import Iterable, Union
 
+import numpy as np
 import torch
 
 TensorOrTensors = Union[torch.Tensor, Iterable[torch.Tensor]]
@@ -24,6 +25,14 @@ def _describe(value: object) -> str:
     if len(text) > 60:
         text = text[:57] + "..."
     return f"{text} of type {type(value).__name__}"
+
+
+def _one_number(value: object) -> object:
+    """A one-element real numpy array as the Python number torch's ``float(value)`` would
+    read; anything else unchanged."""
+    if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "fiu":
+        return value.item()
+    return value
 
 
 def as_list(items: TensorOrTensors, fn: str, arg: str) -> list:
@@ -80,6 +89,7 @@ def check_max_norm(max_norm: object, fn: str, arg: str = "max_norm") -> Union[fl
         if max_norm.device.type != "cpu":
             return max_norm.reshape(())
         max_norm = max_norm.item()
+    max_norm = _one_number(max_norm)
     if type(max_norm) is not float and (isinstance(max_norm, bool)  # ABC checks cost ~1 us
                                         or not isinstance(max_norm, numbers.Real)):
         raise TypeError(f"{fn}: `{arg}` must be a real number, got {_describe(max_norm)}")
@@ -90,7 +100,12 @@ def check_max_norm(max_norm: object, fn: str, arg: str = "max_norm") -> Union[fl
 
 
 def check_norm_type(norm_type: object, fn: str) -> float:
-    """p > 0 as a float: numbers, ``inf``, or the strings ``'inf'``/``'infinity'``."""
+    """p > 0 as a float: numbers (one-element tensors and arrays too, which torch reads with
+    ``float()``), ``inf``, or the strings ``'inf'``/``'infinity'``."""
+    if isinstance(norm_type, torch.Tensor) and norm_type.numel() == 1 and not (
+            norm_type.is_complex() or norm_type.dtype == torch.bool):
+        norm_type = norm_type.item()
+    norm_type = _one_number(norm_type)
     if isinstance(norm_type, str):
         word = norm_type.strip().lower()
         if word in _SUPPORTED_NORM_WORDS:
@@ -113,6 +128,7 @@ def check_norm_type(norm_type: object, fn: str) -> float:
 def check_clip_value(clip_value: object, fn: str) -> float:
     if isinstance(clip_value, torch.Tensor) and clip_value.numel() == 1:
         clip_value = clip_value.item()
+    clip_value = _one_number(clip_value)
     if isinstance(clip_value, bool) or not isinstance(clip_value, numbers.Real):
         raise TypeError(f"{fn}: `clip_value` must be a real number, got {_describe(clip_value)}")
     value = float(clip_value)
@@ -124,8 +140,11 @@ def check_clip_value(clip_value: object, fn: str) -> float:
 def check_flag(value: object, fn: str, arg: str, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if not isinstance(value, bool):
-        expected = "True, False or None" if allow_none else "True or False"
+    # torch only tests these for truth; 0/1 (and numpy's bools) are accepted as flags, while
+    # other values (a string such as "False" is truthy) are refused as the likely mistakes.
+    if not (isinstance(value, (bool, np.bool_)) or (isinstance(value, numbers.Integral)
+                                                    and value in (0, 1))):
+        expected = "True, False (or 0, 1) or None" if allow_none else "True, False (or 0, 1)"
         raise TypeError(f"{fn}: `{arg}` must be {expected}, got {_describe(value)}")
 
 

@@ -34,7 +34,7 @@ import torch
 from fastclip._compile import entry_point
 from fastclip import _cpu
 from fastclip import _validate as V
-from fastclip._table import DTYPE_CODES, is_dense
+from fastclip._table import DTYPE_CODES, is_dense, mark_written
 from fastclip.kernels import agc as K
 
 _FN = "adaptive_grad_clip_"
@@ -177,6 +177,7 @@ def _run_cpu(pairs, clipping: float, eps: float) -> tuple[np.ndarray, np.ndarray
     else:
         sums = K.adaptive_clip(*args)
     table.finish()
+    mark_written([g for _, g in pairs])
     return sums
 
 
@@ -222,6 +223,7 @@ def _run_cuda(kernels, pairs, device: torch.device, clipping: float, eps: float)
         kernels.run_agc(table.waddrs, table.gaddrs, table.codes, table.n_rows, table.row_len,
                         clipping, eps, to_device, zeros, stream)
     table.finish()
+    mark_written([g for _, g in pairs])
     return out[0]
 
 

@@ -141,7 +141,7 @@ def scale_grads_(plan: Plan, factor: torch.Tensor) -> None:
             if f > 1.0:
                 torch._foreach_mul_(s.table.tensors, f)
             else:
-                s.backend.scale_(s.table, f)
+                s.backend.scale_(s.table, f, factor.dtype)
         else:
             torch._foreach_mul_(s.table.tensors, factor.to(s.device, non_blocking=True))
 
@@ -162,8 +162,12 @@ def unscale_and_clip_(
     skips the step on inf/NaN, ``scaler.update()`` backs off, and a second unscale before
     ``update()`` raises. No host sync on a GPU.
 
-    With a power-of-two scale (GradScaler's default growth and backoff) the grads and the norm
-    are bit-identical to ``scaler.unscale_(optimizer); fastclip.clip_grad_norm_(params, ...)``.
+    With a power-of-two scale (GradScaler's default growth and backoff) and p = 1, 2 or inf, the
+    grads and the norm are bit-identical to ``scaler.unscale_(optimizer);
+    fastclip.clip_grad_norm_(params, ...)`` (on the CPU also when the scale is below 1 or the
+    coefficient below ~1e-33, which take two write passes there). For other p the norm is the
+    p-th root of the scaled grads' power sum times ``1/scale``, which can differ from the root of
+    the unscaled grads' sum in the last bits (libm's ``pow`` does not scale exactly).
 
     DTensor grads (FSDP2) are clipped by their global norm, like ``clip_grad_norm_``; their
     found-inf flag is then global too (one rank's inf skips the step on every rank), where
@@ -218,11 +222,29 @@ def unscale_and_clip_planned(scaler, optimizer, state, grads, group, plan, max_n
         return clip_grad_norm_(optimizer_params(optimizer), max_norm, p)
     inv_scale = inv_scale_of(scaler)
     norm, found = scaled_pass(plan, p, inv_scale, group)
-    coef = clip_coefficient(max_norm, norm)
-    scale_grads_(plan, inv_scale.to(coef.device, coef.dtype, non_blocking=True) * coef)
+    unscale_clip_grads_(plan, inv_scale, clip_coefficient(max_norm, norm))
     state["found_inf_per_device"] = found
     state["stage"] = OptState.UNSCALED
     return norm
+
+
+def unscale_clip_grads_(plan: Plan, inv_scale: torch.Tensor, coef: torch.Tensor) -> None:
+    """Multiply the grads by ``inv_scale`` and then ``coef`` as torch's ``unscale_`` and clip do.
+
+    One pass by their product gives the same bits whenever the product is exact and unscaling
+    cannot overflow: a power-of-two scale >= 1 and a product above float32's smallest normal
+    number. On the host the rare other cases (a scale below 1; a coefficient below ~1e-33)
+    take torch's two roundings in two passes; on a device, deciding would need a host sync,
+    so one pass runs whatever the values.
+    """
+    factor = inv_scale.to(coef.device, coef.dtype, non_blocking=True) * coef
+    if plan.host_only:
+        f = abs(factor.item())
+        if inv_scale.item() > 1.0 or 0.0 < f < torch.finfo(factor.dtype).tiny:
+            scale_grads_(plan, inv_scale)
+            plan.scale_(coef)
+            return
+    scale_grads_(plan, factor)
 
 
 __all__ = ["unscale_and_clip_"]

@@ -120,6 +120,7 @@ class GradClipper:
             raise ValueError(f"{fn}: `window` must be an integer >= 1, got {window!r}")
         self.window = int(window)
         self._state: Optional[dict[str, torch.Tensor]] = None
+        self._fixed_as: dict[torch.dtype, torch.Tensor] = {}  # max_norm in other norm dtypes
         self._policy_state: Optional[dict[str, torch.Tensor]] = None
         self.skipped = torch.tensor(False)
         self.found_nonfinite = torch.tensor(False)
@@ -189,9 +190,14 @@ class GradClipper:
         """
         cap = self.max_norm
         if self.policy is None:
-            fixed = self._state["fixed"]
+            fixed = self._state["fixed"]  # float64: max_norm exactly
             if fixed.dtype != norm.dtype:
-                fixed = self._state["fixed"] = fixed.to(norm.dtype)
+                # Converted once per dtype, always from the float64 original (a conversion of a
+                # conversion would report float32's rounding of max_norm in a float64 step).
+                cached = self._fixed_as.get(norm.dtype)
+                if cached is None or cached.device != fixed.device:
+                    cached = self._fixed_as[norm.dtype] = fixed.to(norm.dtype)
+                fixed = cached
             return cap, fixed
         value = self.policy.threshold(self._policy_state, self._state["step"],
                                       norm.to(torch.float64), finite)
@@ -388,7 +394,7 @@ def _zero_cuda(kernels, grads: list[torch.Tensor], device: torch.device, finite:
     import numpy as np
     from numba import cuda
 
-    from fastclip._table import DTYPE_CODES
+    from fastclip._table import DTYPE_CODES, mark_written
 
     flag_t = (~finite).to(device=device, dtype=torch.int32).reshape(1)
     dense = [g for g in grads if is_dense(g)]
@@ -412,6 +418,7 @@ def _zero_cuda(kernels, grads: list[torch.Tensor], device: torch.device, finite:
             return cuda.as_cuda_array(keep[-1], sync=False)
 
         kernels.run_zero_if(flag, addrs, codes, lengths, to_device, stream)
+    mark_written(dense)
 
 
 __all__ = ["GradClipper", "AutoClip", "ZClip", "NONFINITE_MODES"]

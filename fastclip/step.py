@@ -12,6 +12,7 @@ does a fused optimizer that torch does not mark as reading ``grad_scale``
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Optional, Union
 
 import torch
@@ -21,7 +22,7 @@ from fastclip._compile import entry_point
 from fastclip import _validate as V
 from fastclip._plan import Plan
 from fastclip.amp import (check_no_fp16, check_optimizer, check_scaler, inv_scale_of, optimizer_params,
-                          plan_grads, scaled_pass, unscale_and_clip_planned)
+                          plan_grads, scaled_pass, unscale_and_clip_planned, unscale_clip_grads_)
 from fastclip.clip_grad import clip_coefficient, clip_grad_norm_
 
 _FN = "clip_and_step"
@@ -43,6 +44,14 @@ def reads_grad_scale(optimizer: torch.optim.Optimizer) -> bool:
 def _reciprocal(x: torch.Tensor) -> torch.Tensor:
     """float32 ``1/x`` rounded once from float64: the fused kernels read a float32 grad_scale."""
     return x.double().reciprocal().float()
+
+
+def _divisor_overflows(plan: Plan, grad_scale: torch.Tensor, factor: torch.Tensor) -> bool:
+    """True when the float32 divisor ``1/factor`` is inf although ``factor`` is not 0 (a norm
+    above ~3.4e38 times max_norm): the fused step would zero the grads instead of clipping
+    them, so the grads are scaled in place instead. Checked on the host only (a device check
+    would sync); on a device the fused step runs as it is."""
+    return plan.host_only and math.isinf(grad_scale.item()) and factor.item() != 0.0
 
 
 def _fused_step(optimizer: torch.optim.Optimizer, grad_scale: torch.Tensor,
@@ -150,7 +159,13 @@ def clip_and_step(
 
     if scaler is None:
         norm = plan.total_norm(p, group=group)
-        _fused_step(optimizer, _reciprocal(clip_coefficient(max_norm, norm)), None)
+        coef = clip_coefficient(max_norm, norm)
+        grad_scale = _reciprocal(coef)
+        if _divisor_overflows(plan, grad_scale, coef):
+            plan.scale_(coef)
+            optimizer.step()
+        else:
+            _fused_step(optimizer, grad_scale, None)
         return norm
     if state["stage"] is OptState.READY:
         check_no_fp16(grads, _FN, plan)
@@ -159,10 +174,18 @@ def clip_and_step(
         state["found_inf_per_device"] = found
         coef = clip_coefficient(max_norm, norm)
         # grads / grad_scale = grads * inv_scale * coef, with one float32 rounding of the divisor.
-        grad_scale = _reciprocal(inv_scale.to(coef.device, non_blocking=True).double() * coef.double())
+        factor = inv_scale.to(coef.device, non_blocking=True).double() * coef.double()
+        grad_scale = _reciprocal(factor)
+        if _divisor_overflows(plan, grad_scale, factor):
+            unscale_clip_grads_(plan, inv_scale, coef)
+            grad_scale = torch.ones((), dtype=torch.float32, device=coef.device)
     else:  # UNSCALED: the flags were recorded by scaler.unscale_
         norm = plan.total_norm(p, group=group)
-        grad_scale = _reciprocal(clip_coefficient(max_norm, norm))
+        coef = clip_coefficient(max_norm, norm)
+        grad_scale = _reciprocal(coef)
+        if _divisor_overflows(plan, grad_scale, coef):
+            plan.scale_(coef)
+            grad_scale = torch.ones((), dtype=torch.float32, device=coef.device)
     device = scaler._scale.device
     found_inf = sum(f.to(device, non_blocking=True) for f in state["found_inf_per_device"].values())
     _fused_step(optimizer, grad_scale.to(device, non_blocking=True), found_inf)

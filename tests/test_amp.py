@@ -281,3 +281,31 @@ def test_cuda_matches_and_never_syncs():
         torch.cuda.set_sync_debug_mode("default")
     found = scaler._per_optimizer_states[id(opt)]["found_inf_per_device"]
     assert float(found[torch.device("cuda", 0)]) == 1.0
+
+
+@pytest.mark.parametrize("grads, init_scale, max_norm", [
+    ([1e30 * 65536.0] * 4, 65536.0, 1e-6),  # inv_scale * coef is below float32's normal range
+    ([3e38, 1.0, 2.0], 2.0 ** -4, 1.0),  # unscaling overflows to inf (a scale below 1)
+    ([3.0, 4.0], 2.0 ** -4, 1.0),  # a scale below 1, finite values
+], ids=["subnormal-factor", "unscale-overflow", "scale-below-1"])
+def test_extreme_factors_stay_bitwise_equal_to_unscale_then_clip(grads, init_scale, max_norm):
+    """One pass by inv_scale * coef is exact only when that product is a normal float32 and
+    unscaling cannot overflow; elsewhere the host path takes torch's two roundings."""
+    runs = []
+    for ours in (True, False):
+        p = torch.nn.Parameter(torch.zeros(len(grads)))
+        opt = torch.optim.SGD([p], lr=1.0)
+        scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+        scaler.scale(torch.ones(()))
+        p.grad = torch.tensor(grads)
+        if ours:
+            norm = fastclip.unscale_and_clip_(scaler, opt, max_norm)
+        else:
+            scaler.unscale_(opt)
+            norm = fastclip.clip_grad_norm_([p], max_norm)
+        found = sum(scaler._per_optimizer_states[id(opt)]["found_inf_per_device"].values())
+        runs.append((norm, found, p.grad.clone()))
+    (norm_a, found_a, grad_a), (norm_b, found_b, grad_b) = runs
+    assert_bitwise_equal(norm_a, norm_b)
+    assert float(found_a) == float(found_b)
+    assert_bitwise_equal(grad_a, grad_b)

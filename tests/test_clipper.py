@@ -713,3 +713,18 @@ def test_cuda_graph_replays_step_like_eager_steps(policy, mode):
     assert summary["steps"] == e_summary["steps"] == steps
     assert summary["clipped_steps"] == e_summary["clipped_steps"]
     assert summary["nonfinite_steps"] == e_summary["nonfinite_steps"] == 1
+
+
+def test_a_fixed_threshold_is_reported_exactly_after_a_dtype_change():
+    """max_norm in a float64 step is max_norm itself, not float32's rounding of it from an
+    earlier float32 step."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.ones(3)
+    clipper = fastclip.GradClipper([p], max_norm=0.1)
+    clipper.step()
+    assert clipper.threshold.dtype == torch.float32
+    p.data = p.data.double()
+    p.grad = torch.ones(3, dtype=torch.float64)
+    clipper.step()
+    assert clipper.threshold.dtype == torch.float64 and clipper.threshold.item() == 0.1
+    assert clipper.summary()["threshold"] == 0.1

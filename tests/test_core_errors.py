@@ -102,7 +102,7 @@ def test_bad_clip_value(clip_value, error):
 
 @pytest.mark.parametrize("call,arg", [
     (lambda ps, gs: fastclip.clip_grad_norm_(ps, 1.0, error_if_nonfinite="yes"), "error_if_nonfinite"),
-    (lambda ps, gs: fastclip.clip_grad_norm_(ps, 1.0, foreach=1), "foreach"),
+    (lambda ps, gs: fastclip.clip_grad_norm_(ps, 1.0, foreach=2), "foreach"),
     (lambda ps, gs: fastclip.get_total_norm(gs, error_if_nonfinite=None), "error_if_nonfinite"),
     (lambda ps, gs: fastclip.clip_grad_value_(ps, 1.0, foreach="no"), "foreach"),
     (lambda ps, gs: fastclip.clip_grads_with_norm_(ps, 1.0, 5.0), "total_norm"),
@@ -114,6 +114,25 @@ def test_bad_flags_and_total_norm(call, arg):
     with pytest.raises(TypeError, match=f"`{arg}`"):
         call(params, grads)
     assert_unchanged(params, grads)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"norm_type": torch.tensor(3.0)}, {"norm_type": np.array(3.0)}, {"norm_type": np.int64(1)},
+    {"norm_type": torch.tensor(1)}, {"max_norm": np.array(0.5)}, {"max_norm": np.float32(0.5)},
+    {"error_if_nonfinite": 1}, {"error_if_nonfinite": np.bool_(False)}, {"foreach": 0},
+], ids=repr)
+def test_numbers_and_flags_torch_reads_with_float_or_truth(kwargs):
+    """torch reads `norm_type` and `max_norm` with float() and the flags by their truth; fastclip
+    takes the same one-element arrays and tensors, and 0/1 for the flags."""
+    args = {"max_norm": 0.5, **kwargs}
+    grads = [random_grad((300,), torch.float32, 10.0), random_grad((5, 7), torch.float64, 10.0)]
+    ours = [param_with_grad(g.clone()) for g in grads]
+    theirs = [param_with_grad(g.clone()) for g in grads]
+    norm = fastclip.clip_grad_norm_(ours, **args)
+    expected = torch.nn.utils.clip_grad_norm_(theirs, **args)
+    assert norm.item() == pytest.approx(expected.item(), rel=1e-6)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
 
 
 # --- elements that are not tensors, or not dense float tensors ---------------------------------

@@ -560,3 +560,62 @@ def test_the_host_read_guard_sees_the_one_allowed_sync(cuda_backend):
     params = _params(_grads())
     with NoHostReads(), pytest.raises(HostReadError, match="__bool__"):
         fastclip.clip_grad_norm_(params, 0.5, error_if_nonfinite=True)
+
+
+@needs_sim
+@pytest.mark.parametrize("call", ["clip_grad_norm_", "clip_grads_with_norm_"])
+def test_scalar_grads_under_a_float64_coefficient_are_left_to_torch(cuda_backend, call):
+    """A float64 grad makes the coefficient float64, and torch then multiplies a 0-d float32 or
+    16-bit grad in float64 (two 0-d operands promote): those scalars are marked read-only in
+    the device table and scaled by torch's mul_ after the kernel, bit for bit like torch."""
+    g = torch.Generator().manual_seed(5)
+    values = torch.randn(60, dtype=torch.float64, generator=g) * 30
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        grads = [v.to(dtype) for v in values] + [torch.randn(7, dtype=torch.float64, generator=g),
+                                                  values[:5].to(dtype).clone()]
+        ours, theirs = [t.clone() for t in grads], [t.clone() for t in grads]
+        if call == "clip_grad_norm_":
+            norm = fastclip.clip_grad_norm_(_params(ours), 1.0)
+        else:
+            norm = torch.tensor(123.456, dtype=torch.float64)
+            fastclip.clip_grads_with_norm_(_params(ours), 1.0, norm)
+        assert norm.dtype == torch.float64
+        torch.nn.utils.clip_grads_with_norm_(_params(theirs), 1.0, norm)
+        for a, b in zip(ours, theirs):
+            assert_bitwise_equal(a, b)
+        entry = _cuda.device_table(_table(ours))
+        assert entry.torch_written == tuple(range(60))  # the 0-d grads, not the vectors
+
+
+@needs_sim
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # numpy, 1e39
+def test_clamp_of_torch_written_grads_never_raises_and_matches_the_kernel(cuda_backend):
+    """torch's clamp_ refuses a bound beyond a 16-bit dtype's range; the sliced and 0-d grads
+    it would clamp after the kernel are clamped in float64 instead, like the kernel's elements."""
+    for dtype in (torch.float16, torch.bfloat16):
+        values = torch.tensor([float("inf"), -float("inf"), 1.0, -65504.0, float("nan"), 0.25]).to(dtype)
+        for bound in (0.5, 6e4, 7e4, 1e39):
+            base = torch.zeros(12, dtype=dtype)
+            base[::2] = values
+            ours = [torch.tensor([1e6, -1e6]), base[::2], values[0].clone(), values[2].clone()]
+            dense = [torch.tensor([1e6, -1e6]), values.clone(), values[0].clone(), values[2].clone()]
+            fastclip.clip_grad_value_(_params(ours), bound)
+            fastclip.clip_grad_value_(_params([dense[0], dense[1]]), bound)
+            dense[2:] = [v.reshape(1).clone() for v in dense[2:]]
+            fastclip.clip_grad_value_(_params(dense[2:]), bound)  # shape (1,): the kernel's path
+            assert_bitwise_equal(ours[0], dense[0])
+            assert_bitwise_equal(ours[1], dense[1])
+            for a, b in zip(ours[2:], dense[2:]):
+                assert_bitwise_equal(a.reshape(1), b)
+            assert not base[1::2].any()
+
+
+@needs_sim
+def test_kernel_writes_bump_version_counters_on_the_cuda_backend(cuda_backend):
+    grads = _grads()
+    before = [t._version for t in grads]
+    fastclip.clip_grad_norm_(_params(grads), 1e-3)
+    assert all(t._version > b for t, b in zip(grads, before))
+    before = [t._version for t in grads]
+    fastclip.clip_grad_value_(_params(grads), 1e-3)
+    assert all(t._version > b for t, b in zip(grads, before))

@@ -367,3 +367,33 @@ def test_dtensor_grads(single_rank_mesh, monkeypatch):
     norm, params, found, scale = run(True, True, bad=True)
     assert float(norm) == math.inf and float(found[torch.device("cpu")]) == 1.0
     assert float(scale) == 2.0 ** 15 and torch.equal(params[0], weights[0])  # skipped, backed off
+
+
+@pytest.mark.parametrize("dtype, value, max_norm", [(torch.float32, 1e36, 1e-3), (torch.float64, 1e40, 1.0)])
+@pytest.mark.parametrize("stage", ["plain", "amp", "unscaled"])
+def test_a_coefficient_beyond_float32s_reciprocal_still_clips(dtype, value, max_norm, stage):
+    """1/coef overflows float32 (norm / max_norm > 3.4e38): dividing by that grad_scale in the
+    fused step would zero the grads, so they are scaled in place and the step divides by 1."""
+    def run(ours: bool) -> torch.Tensor:
+        p = torch.nn.Parameter(torch.zeros(4, dtype=dtype))
+        opt = torch.optim.SGD([p], lr=1.0, fused=True)
+        p.grad = torch.full((4,), value, dtype=dtype)
+        scaler = None
+        if stage != "plain":
+            scaler = torch.amp.GradScaler("cpu", init_scale=2.0)
+            scaler.scale(torch.ones(()))
+            p.grad.mul_(2.0)
+            if stage == "unscaled":
+                scaler.unscale_(opt)
+        if ours:
+            fastclip.clip_and_step(opt, max_norm, scaler=scaler)
+        else:
+            if stage == "amp":
+                scaler.unscale_(opt)
+            fastclip.clip_grad_norm_([p], max_norm)
+            opt.step() if scaler is None else scaler.step(opt)
+        return p.detach()
+
+    expected = run(False)
+    assert (expected != 0).all()  # the clipped step moved every parameter
+    torch.testing.assert_close(run(True), expected, rtol=2.0 ** -22, atol=0)

@@ -1,0 +1,126 @@
+"""Edges of torch parity found by fuzzing against torch: 0-d grads under a float64 coefficient,
+autograd's version counters after kernel writes, and clamping sliced 16-bit grads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastclip
+from fastclip import _cpu
+from reference import ALL_DTYPES, assert_bitwise_equal, param_with_grad
+
+
+# --- 0-d grads: torch's g.mul_(c) promotes two 0-d operands ----------------------------------------
+
+def _scalar_values(n: int = 400) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-3, 4, (n,), generator=g)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+def test_scalar_grads_under_a_float64_coefficient_match_torch(dtype):
+    """A float64 grad in the set makes the coefficient float64: torch then multiplies a 0-d
+    float32/16-bit grad in float64 and rounds once, and so must fastclip."""
+    values = _scalar_values().to(dtype)
+    for v in values:
+        def params():
+            return [param_with_grad(v.clone()), param_with_grad(torch.tensor([3.0, 4.0, 5.0], dtype=torch.float64)),
+                    param_with_grad(v.reshape(1).clone())]  # shape (1,): no promotion, kernel path
+        ours, theirs = params(), params()
+        # fastclip's norm is exact and torch's may differ by an ulp: scale both from fastclip's.
+        norm = fastclip.clip_grad_norm_(ours, 1.0)
+        assert norm.dtype == torch.float64
+        torch.nn.utils.clip_grads_with_norm_(theirs, 1.0, norm)
+        for a, b in zip(ours, theirs):
+            assert_bitwise_equal(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("norm_dtype", [torch.float64, torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_clip_grads_with_norm_scalar_grads_match_torch(dtype, norm_dtype):
+    values = _scalar_values(200).to(dtype)
+    for v, norm in zip(values, _scalar_values(200).abs() * 7 + 1):
+        total = norm.to(norm_dtype)
+        ours, theirs = [param_with_grad(v.clone())], [param_with_grad(v.clone())]
+        fastclip.clip_grads_with_norm_(ours, 0.3, total)
+        torch.nn.utils.clip_grads_with_norm_(theirs, 0.3, total)
+        assert_bitwise_equal(ours[0].grad, theirs[0].grad)
+
+
+def test_negative_control_float32_rounding_of_a_float64_coefficient_differs():
+    """The 0-d case above is not vacuous: multiplying in float32 by the rounded coefficient
+    (what the kernel does for every other grad) differs from torch's float64 product."""
+    v = torch.tensor(-21.787893295288086)
+    coef = torch.tensor(1.0 / (50.0 ** 0.5 + 1e-6), dtype=torch.float64)
+    assert (v * coef.float()).item() != v.clone().mul_(coef).item()
+
+
+def test_only_promoted_scalars_leave_the_kernel(cpu_kernel_calls):
+    params = [param_with_grad(torch.tensor(2.0)), param_with_grad(torch.tensor(3.0, dtype=torch.float64)),
+              param_with_grad(torch.ones(5))]
+    table = fastclip._plan.Plan.build([p.grad for p in params], "t", "parameters").sets[0].table
+    assert table.promoted_scalars(torch.float64) == (0,)
+    assert table.promoted_scalars(torch.float32) == ()
+
+
+# --- autograd's version counters --------------------------------------------------------------------
+
+def _written_by(call):
+    g = torch.Generator().manual_seed(1)
+    params = [param_with_grad(torch.randn(50, generator=g) * 10), param_with_grad(torch.randn(7, 3, generator=g).t())]
+    before = [p.grad._version for p in params]
+    call(params)
+    return [p.grad._version > b for p, b in zip(params, before)]
+
+
+@pytest.mark.parametrize("name, call", [
+    ("clip_grad_norm_", lambda ps: fastclip.clip_grad_norm_(ps, 0.1)),
+    ("clip_grad_norm_ big", lambda ps: fastclip.clip_grad_norm_(
+        ps + [param_with_grad(torch.ones(_cpu.PARALLEL_MIN_ELEMENTS))], 0.1)),
+    ("clip_grads_with_norm_", lambda ps: fastclip.clip_grads_with_norm_(ps, 0.1, torch.tensor(50.0))),
+    ("clip_grad_value_", lambda ps: fastclip.clip_grad_value_(ps, 0.5)),
+    ("adaptive_grad_clip_", lambda ps: fastclip.adaptive_grad_clip_(ps, 1e-3)),
+    ("GradClipper", lambda ps: fastclip.GradClipper(ps, max_norm=0.1).step()),
+])
+def test_kernel_writes_bump_version_counters(name, call):
+    assert _written_by(call) == [True, True]
+
+
+def test_a_step_that_does_not_clip_writes_nothing():
+    # torch's mul_ by 1.0 bumps the counters anyway; fastclip writes nothing, so they stay.
+    assert _written_by(lambda ps: fastclip.clip_grad_norm_(ps, 1e6)) == [False, False]
+
+
+def _penalty_after_clip(clip) -> None:
+    w = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    g, = torch.autograd.grad((w ** 3).sum(), w, create_graph=True)
+    penalty = (g * g).sum()
+    p = torch.zeros(3)
+    p.grad = g
+    clip([p], 1.0)
+    penalty.backward()
+
+
+@pytest.mark.parametrize("clip", [torch.nn.utils.clip_grad_norm_, fastclip.clip_grad_norm_])
+def test_backward_through_a_clipped_saved_grad_raises_like_torch(clip):
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        _penalty_after_clip(clip)
+
+
+# --- clip_grad_value_ on sliced 16-bit grads ----------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bound", [0.5, 6e4, 7e4, 1e39, float("inf")])
+def test_sliced_16_bit_grads_clamp_like_contiguous_ones(dtype, bound):
+    values = torch.tensor([float("inf"), -float("inf"), 1.0, -65504.0, 3e38, float("nan"), 0.25, -2.0])
+    values = values.to(dtype)
+    sliced = torch.zeros(16, dtype=dtype)
+    sliced[::2] = values
+    ps = [param_with_grad(torch.tensor([1e6, -1e6, 2.0])), param_with_grad(sliced[::2])]
+    dense = [param_with_grad(torch.tensor([1e6, -1e6, 2.0])), param_with_grad(values.clone())]
+    fastclip.clip_grad_value_(ps, bound)
+    fastclip.clip_grad_value_(dense, bound)
+    for a, b in zip(ps, dense):
+        assert_bitwise_equal(a.grad, b.grad)
+    assert not sliced[1::2].any()  # the gaps of the sliced view are untouched
