@@ -122,7 +122,7 @@ class TensorTable:
         rounding), while a grad with dimensions keeps its dtype (float32 arithmetic on the
         coefficient rounded to float32), which is what the kernel does for every grad.
         """
-        if coef_dtype != torch.float64:
+        if coef_dtype != torch.float64 or self.lengths.min(initial=2) > 1:
             return ()
         ones = np.flatnonzero((self.lengths == 1) & (self.codes != FLOAT64))
         return tuple(int(i) for i in ones if self.tensors[i].dim() == 0)
