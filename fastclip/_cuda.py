@@ -448,10 +448,10 @@ def clamp_(table: TensorTable, bound: float) -> None:
         # Like the kernel: compare in float64, store the bound rounded to the dtype, leave the
         # other elements (NaN payloads included) alone. torch's clamp_ in a narrower dtype
         # refuses a bound beyond its range (7e4 for float16, say), and the kernel has written.
+        # torch.where with a 0-d device tensor never reads it on the host (masked_fill_ may).
         wide = t.double()
         limit = torch.full((), bound, dtype=torch.float64, device=t.device).to(t.dtype)
-        t.masked_fill_(wide > bound, limit)
-        t.masked_fill_(wide < -bound, -limit)
+        t.copy_(torch.where(wide > bound, limit, torch.where(wide < -bound, -limit, t)))
 
 
 def fused_norm(table: TensorTable, p: float, dtype: torch.dtype) -> torch.Tensor:

@@ -503,6 +503,14 @@ def test_clip_grads_with_norm_falls_back_to_torch_ops_where_the_kernel_path_does
 # --- no host reads: the CUDA backend's calls never read a tensor value back ---------------------
 
 
+def _odd_params():
+    """Grads the CUDA backend leaves to torch after its kernels: a sliced bf16 view and 0-d
+    grads next to a float64 one (a float64 coefficient)."""
+    base = torch.arange(24, dtype=torch.bfloat16)
+    return _params([base[::3], torch.tensor(7.0), torch.tensor(-3.0, dtype=torch.float16),
+                    torch.tensor([5.0, 4.0], dtype=torch.float64)])
+
+
 def _guarded_calls():
     """The fastclip calls whose CUDA path goes through ``Plan``'s backends, as (name,
     call(params)); each must read nothing. Not here: ``clip_and_step`` (torch's own CPU optimizer
@@ -530,6 +538,8 @@ def _guarded_calls():
         ("clip_grads_with_norm_",
          lambda ps: fastclip.clip_grads_with_norm_(ps, 0.5, torch.tensor(7.0))),
         ("clip_grad_value_", lambda ps: fastclip.clip_grad_value_(ps, 0.1)),
+        ("clip_grad_value_ torch-written", lambda ps: fastclip.clip_grad_value_(ps + _odd_params(), 0.1)),
+        ("clip_grad_norm_ torch-written", lambda ps: fastclip.clip_grad_norm_(ps + _odd_params(), 0.5)),
         ("unscale_and_clip_", amp),
         ("GradClipper.step", clipper),
     ]
