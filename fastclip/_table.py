@@ -164,4 +164,8 @@ def mark_written(tensors: list[torch.Tensor]) -> None:
     with ``create_graph=True``, say) refuses to backward through it, as it would after torch's
     ``mul_``, instead of silently using the new values.
     """
-    torch.autograd.graph.increment_version(tensors)
+    try:
+        torch.autograd.graph.increment_version(tensors)  # a whole list: one C++ loop
+    except TypeError:  # torch before list support: one tensor per call
+        for t in tensors:
+            torch.autograd.graph.increment_version(t)

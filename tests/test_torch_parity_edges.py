@@ -124,3 +124,20 @@ def test_sliced_16_bit_grads_clamp_like_contiguous_ones(dtype, bound):
     for a, b in zip(ps, dense):
         assert_bitwise_equal(a.grad, b.grad)
     assert not sliced[1::2].any()  # the gaps of the sliced view are untouched
+
+
+def test_version_bumps_without_list_support(monkeypatch):
+    """torch versions whose increment_version takes one tensor get one call per tensor."""
+    from fastclip._table import mark_written
+
+    real = torch.autograd.graph.increment_version
+
+    def one_tensor_only(t):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError("increment_version(): argument 'tensor' must be Tensor, not list")
+        real(t)
+
+    monkeypatch.setattr(torch.autograd.graph, "increment_version", one_tensor_only)
+    ts = [torch.zeros(2), torch.zeros(3)]
+    mark_written(ts)
+    assert [t._version for t in ts] == [1, 1]
