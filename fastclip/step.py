@@ -95,7 +95,11 @@ def clip_and_step(
     not write the grads; torch's fused CPU kernels store the grad they used (clipped, unscaled)
     back into ``.grad``, except on a skipped step. Both attributes are removed after the step. The
     parameters match torch's clip-then-step up to float rounding (a division by ``1/coef``
-    instead of a multiplication by ``coef``: about one float32 ulp per grad element).
+    instead of a multiplication by ``coef``: about one float32 ulp per grad element). When
+    ``1/coef`` overflows float32 (a norm over ~3.4e38 times ``max_norm``) the fused kernel would
+    divide by inf and zero the grads: on the CPU the grads are then scaled in place first and
+    the step divides by 1; on a GPU, where checking would need a host sync, the fused step runs
+    as it is.
 
     Any other optimizer gets ``clip_grad_norm_`` (or, with a scaler, ``unscale_and_clip_``) and
     then its step, through ``scaler.step`` with a scaler. DTensor grads (FSDP2) are clipped by
