@@ -46,12 +46,18 @@ def _reciprocal(x: torch.Tensor) -> torch.Tensor:
     return x.double().reciprocal().float()
 
 
-def _divisor_overflows(plan: Plan, grad_scale: torch.Tensor, factor: torch.Tensor) -> bool:
-    """True when the float32 divisor ``1/factor`` is inf although ``factor`` is not 0 (a norm
-    above ~3.4e38 times max_norm): the fused step would zero the grads instead of clipping
-    them, so the grads are scaled in place instead. Checked on the host only (a device check
-    would sync); on a device the fused step runs as it is."""
-    return plan.host_only and math.isinf(grad_scale.item()) and factor.item() != 0.0
+def _divisor(plan: Plan, factor: torch.Tensor, write_factor) -> torch.Tensor:
+    """The fused step's float32 ``grad_scale`` = ``1/factor``.
+
+    When that overflows although ``factor`` is not 0 (a norm above ~3.4e38 times max_norm), the
+    fused step would zero the grads instead of clipping them: ``write_factor()`` then applies
+    the factor to the grads in place and the step divides by 1. Checked on the host only (a
+    device check would sync); on a device the fused step runs as it is."""
+    grad_scale = _reciprocal(factor)
+    if plan.host_only and math.isinf(grad_scale.item()) and factor.item() != 0.0:
+        write_factor()
+        return torch.ones((), dtype=torch.float32, device=factor.device)
+    return grad_scale
 
 
 def _fused_step(optimizer: torch.optim.Optimizer, grad_scale: torch.Tensor,
@@ -164,12 +170,7 @@ def clip_and_step(
     if scaler is None:
         norm = plan.total_norm(p, group=group)
         coef = clip_coefficient(max_norm, norm)
-        grad_scale = _reciprocal(coef)
-        if _divisor_overflows(plan, grad_scale, coef):
-            plan.scale_(coef)
-            optimizer.step()
-        else:
-            _fused_step(optimizer, grad_scale, None)
+        _fused_step(optimizer, _divisor(plan, coef, lambda: plan.scale_(coef)), None)
         return norm
     if state["stage"] is OptState.READY:
         check_no_fp16(grads, _FN, plan)
@@ -179,17 +180,11 @@ def clip_and_step(
         coef = clip_coefficient(max_norm, norm)
         # grads / grad_scale = grads * inv_scale * coef, with one float32 rounding of the divisor.
         factor = inv_scale.to(coef.device, non_blocking=True).double() * coef.double()
-        grad_scale = _reciprocal(factor)
-        if _divisor_overflows(plan, grad_scale, factor):
-            unscale_clip_grads_(plan, inv_scale, coef)
-            grad_scale = torch.ones((), dtype=torch.float32, device=coef.device)
+        grad_scale = _divisor(plan, factor, lambda: unscale_clip_grads_(plan, inv_scale, coef))
     else:  # UNSCALED: the flags were recorded by scaler.unscale_
         norm = plan.total_norm(p, group=group)
         coef = clip_coefficient(max_norm, norm)
-        grad_scale = _reciprocal(coef)
-        if _divisor_overflows(plan, grad_scale, coef):
-            plan.scale_(coef)
-            grad_scale = torch.ones((), dtype=torch.float32, device=coef.device)
+        grad_scale = _divisor(plan, coef, lambda: plan.scale_(coef))
     device = scaler._scale.device
     found_inf = sum(f.to(device, non_blocking=True) for f in state["found_inf_per_device"].values())
     _fused_step(optimizer, grad_scale.to(device, non_blocking=True), found_inf)
