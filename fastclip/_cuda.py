@@ -416,6 +416,26 @@ def power_sums(table: TensorTable, p: float, count_nonfinite: bool = False,
     return PowerSums(out[0], out[2:] if want else None, out[1:2].view(torch.int64)[0])
 
 
+_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+
+
+def _scale_like_kernel_(t: torch.Tensor, coef: torch.Tensor) -> None:
+    """Multiply a tensor the write kernels leave to torch (a strided view, memory listed twice, a
+    0-d scalar) by the 0-d device ``coef`` with the scale kernel's rounding, so that one call
+    scales every grad of a dtype alike.
+
+    torch's CUDA ``mul_`` loads a 0-d CUDA operand in the grad's dtype: a 16-bit grad would be
+    multiplied by the coefficient rounded to 16 bits (up to 0.4% off for bfloat16), where the
+    kernel multiplies by float32(coef) in float32 and rounds once, as torch's CPU ``mul_`` does.
+    0-d grads keep torch's ``mul_``: both operands are 0-d, so torch promotes, which is why they
+    are left to torch (``TensorTable.promoted_scalars``).
+    """
+    if t.dim() > 0 and t.dtype in _SIXTEEN_BIT:
+        t.copy_(t.float().mul_(coef.float()))
+    else:
+        t.mul_(coef)
+
+
 def scale_(table: TensorTable, coef: torch.Tensor) -> None:
     """Multiply every tensor by the 0-d ``coef`` (on this device) in place, with torch's
     ``mul_`` rounding. The kernel reads coef on the device and does nothing when it is >= 1."""
@@ -431,7 +451,7 @@ def scale_(table: TensorTable, coef: torch.Tensor) -> None:
                    K.SCALE_F64 if coef.dtype == torch.float64 else 0, 0.0))
     mark_written(table.tensors)  # as torch's mul_ would, whether or not the kernel wrote
     for i in entry.torch_written:
-        table.tensors[i].mul_(coef)
+        _scale_like_kernel_(table.tensors[i], coef)
 
 
 def clamp_(table: TensorTable, bound: float) -> None:
@@ -483,7 +503,7 @@ def fused_clip_(table: TensorTable, p: float, max_norm: float, dtype: torch.dtyp
         slot = entry.scratch_tensor[K.SCRATCH_COEF:K.SCRATCH_COEF + 1]
         coef = slot.view(torch.float64)[0] if is_f64 else slot.view(torch.float32)[0]
         for i in entry.torch_written:
-            table.tensors[i].mul_(coef)
+            _scale_like_kernel_(table.tensors[i], coef)
     return norm
 
 

@@ -381,14 +381,34 @@ def test_two_gpus(C):
         assert_bitwise_equal(g, e, nan_bits=False)
 
 
-def test_sliced_grads_are_read_through_a_copy_and_written_by_torch(C):
-    base = torch.randn(64, 96, device="cuda")
-    grads = [base[:, ::2], base[:, 1::2].t(), torch.randn(300, device="cuda")]
+@pytest.mark.parametrize("dtype", [F32, F16, BF16])
+def test_sliced_grads_are_read_through_a_copy_and_written_by_torch(C, dtype):
+    base = torch.randn(64, 96, device="cuda").to(dtype)
+    grads = [base[:, ::2], base[:, 1::2].t(), torch.randn(300, device="cuda").to(dtype)]
     expected = [g.clone() for g in grads]
     norm = fastclip.clip_grad_norm_(_params(grads), 0.3)
     reference_clip_(expected, 0.3, norm)
     for g, e in zip(grads, expected):
         assert_bitwise_equal(g, e)
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16])
+@pytest.mark.parametrize("entry", ["clip_grad_norm_", "GradClipper"])
+def test_torch_written_16_bit_grads_get_the_kernels_coefficient(C, dtype, entry):
+    """A sliced grad (written by torch after the kernel) and a dense copy of it, in one call, end
+    up with the same bits: torch's CUDA mul_ would round the coefficient to 16 bits first."""
+    values = (torch.rand(4096, device="cuda") + 0.5).to(dtype)  # wide enough to show the rounding
+    holder = torch.empty(2 * 4096, device="cuda", dtype=dtype)
+    holder[::2] = values
+    sliced, dense = holder[::2], values.clone()
+    params = _params([sliced, dense])
+    max_norm = 1.234567  # its float32 coefficient is not a 16-bit value
+    if entry == "clip_grad_norm_":
+        fastclip.clip_grad_norm_(params, max_norm)
+    else:
+        fastclip.GradClipper(params, max_norm=max_norm).step()
+    assert not torch.equal(dense, values)  # it clipped
+    assert_bitwise_equal(sliced, dense)
 
 
 def test_both_launch_paths_agree(C, monkeypatch):
@@ -408,11 +428,12 @@ def test_both_launch_paths_agree(C, monkeypatch):
         assert_bitwise_equal(a, b)
 
 
-def test_same_grad_listed_twice_is_scaled_twice_like_torch(C):
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_same_grad_listed_twice_is_scaled_twice_like_torch(C, dtype):
     """Blocks write chunks concurrently: memory listed twice would race (some elements scaled
     once). Its later listing is written by torch after the kernel, so every element is c**2."""
-    g = torch.randn(1 << 23, device="cuda")
-    base = torch.randn(3 << 20, device="cuda")
+    g = torch.randn(1 << 23, device="cuda").to(dtype)
+    base = torch.randn(3 << 20, device="cuda").to(dtype)
     for _ in range(5):
         ours = [g.clone(), base.clone()]
         theirs = [g.clone(), base.clone()]
