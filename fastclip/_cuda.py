@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from fastclip._cpu import PowerSums
-from fastclip._table import TensorTable, mark_written
+from fastclip._table import ITEMSIZE, TensorTable, mark_written
 from fastclip.kernels import cuda as K
 from fastclip.kernels.layout import DEFAULT_CHUNK_SIZE, build_chunk_table, norm_kind
 
@@ -507,18 +507,27 @@ def fused_clip_(table: TensorTable, p: float, max_norm: float, dtype: torch.dtyp
     return norm
 
 
+def _inside_a_tensor(table: TensorTable, t: torch.Tensor) -> bool:
+    """True when the 0-d ``t`` lies in the memory of one of ``table``'s tensors."""
+    address = t.data_ptr()
+    ends = table.addrs + table.lengths * ITEMSIZE[table.codes]
+    return bool(((table.addrs <= address) & (address < ends)).any())
+
+
 def fused_clip_with_norm_(table: TensorTable, max_norm: float, total_norm: torch.Tensor) -> bool:
     """``clip_grads_with_norm_`` in one launch: the scale kernel computes torch's coefficient
     from ``total_norm`` (read on the device, in its dtype) and ``max_norm``, where the general
     path would first launch torch's four ops on the norm. Returns False, having done nothing,
     when this path does not apply: a norm that is not float32/float64 or lives on another
-    device, or memory listed twice (torch scales the later listings by the coefficient tensor).
+    device, memory listed twice (torch scales the later listings by the coefficient tensor), or
+    a norm inside a grad's memory (every block reads the norm, and the blocks that run after the
+    one that scaled it would read the scaled value; torch computes the coefficient first).
     """
     if total_norm.dtype != torch.float32 and total_norm.dtype != torch.float64:
         return False
     table.check_writable()  # before the kernel: a failing call changes no grad
     entry = device_table(table)
-    if entry.torch_written or total_norm.device != entry.device:
+    if entry.torch_written or total_norm.device != entry.device or _inside_a_tensor(table, total_norm):
         return False
     mode = K.SCALE_FROM_NORM | (K.SCALE_F64 if total_norm.dtype == torch.float64 else 0)
     _scale(entry, (entry.table, entry.n, entry.nc, total_norm.data_ptr(), mode, float(max_norm)))

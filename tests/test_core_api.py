@@ -414,6 +414,21 @@ def test_expanded_grad_norm_and_refused_write():
     assert_bitwise_equal(other.grad, before)
 
 
+@pytest.mark.parametrize("call", ["clip_grad_norm_", "clip_grads_with_norm_"])
+def test_expanded_grad_is_refused_when_nothing_needs_clipping(call):
+    """torch's multiply runs whatever the coefficient and refuses an expanded grad; so does
+    fastclip, although it writes nothing when the coefficient is 1."""
+    params = [param_with_grad(random_grad((100,), torch.float32)),
+              param_with_grad(torch.randn(1).expand(30))]
+    torch_call = getattr(torch.nn.utils, call)
+    ours = getattr(fastclip, call)
+    args = (1e9,) if call == "clip_grad_norm_" else (1e9, torch.tensor(1.0))
+    with pytest.raises(RuntimeError, match="memory location"):
+        torch_call(params, *args)
+    with pytest.raises(RuntimeError, match="memory location"):
+        ours(params, *args)
+
+
 # --- clip_grad_value_ -----------------------------------------------------------------------------
 
 SPECIALS = [-1.0, -0.0, 0.0, 1.0, float("nan"), -float("nan"), float("inf"), -float("inf"),

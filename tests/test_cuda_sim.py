@@ -405,6 +405,20 @@ def test_memory_listed_twice_is_left_to_torch_after_the_kernel(cuda_backend):
 
 
 @needs_sim
+def test_clip_grads_with_norm_reads_a_norm_inside_a_grad_before_writing(cuda_backend):
+    """A ``total_norm`` that is an element of a grad: the one-launch path's blocks each read the
+    norm, and those after the block that scaled it would read the scaled value. torch computes
+    the coefficient first; so does fastclip here (the general path)."""
+    grads = [torch.full((1000,), 2.0), torch.randn(50)]
+    expected = [g.clone() for g in grads]
+    torch.nn.utils.clip_grads_with_norm_(_params(expected), 1.0, expected[0][0])
+    fastclip.clip_grads_with_norm_(_params(grads), 1.0, grads[0][0])
+    for g, e in zip(grads, expected):
+        assert_bitwise_equal(g, e)
+    assert grads[0].unique().numel() == 1  # negative control: every element scaled alike
+
+
+@needs_sim
 @pytest.mark.parametrize("call", ["clip_grad_norm_", "clip_grads_with_norm_", "clip_grad_value_"])
 def test_expanded_grad_is_refused_before_any_write(cuda_backend, call):
     """torch's _foreach_mul_ refuses an expanded grad; on the CUDA backend the refusal comes
