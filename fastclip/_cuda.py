@@ -436,9 +436,10 @@ def _scale_like_kernel_(t: torch.Tensor, coef: torch.Tensor) -> None:
         t.mul_(coef)
 
 
-def scale_(table: TensorTable, coef: torch.Tensor) -> None:
+def scale_(table: TensorTable, coef: torch.Tensor, always: bool = False) -> None:
     """Multiply every tensor by the 0-d ``coef`` (on this device) in place, with torch's
-    ``mul_`` rounding. The kernel reads coef on the device and does nothing when it is >= 1."""
+    ``mul_`` rounding. The kernel reads coef on the device and does nothing when it is >= 1,
+    unless ``always`` (a factor that may exceed 1: AMP's unscale)."""
     table.check_writable()  # before the kernel: a failing call changes no grad
     entry = device_table(table)
     if not isinstance(coef, torch.Tensor):  # a host number (the simulator's CPU "device")
@@ -447,8 +448,8 @@ def scale_(table: TensorTable, coef: torch.Tensor) -> None:
         coef = coef.to(torch.float32)
     if coef.device != entry.device:
         coef = coef.to(entry.device, non_blocking=True)
-    _scale(entry, (entry.table, entry.n, entry.nc, coef.data_ptr(),
-                   K.SCALE_F64 if coef.dtype == torch.float64 else 0, 0.0))
+    mode = (K.SCALE_F64 if coef.dtype == torch.float64 else 0) | (K.SCALE_ALWAYS if always else 0)
+    _scale(entry, (entry.table, entry.n, entry.nc, coef.data_ptr(), mode, 0.0))
     mark_written(table.tensors)  # as torch's mul_ would, whether or not the kernel wrote
     for i in entry.torch_written:
         _scale_like_kernel_(table.tensors[i], coef)

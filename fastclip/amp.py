@@ -132,8 +132,9 @@ def scale_grads_(plan: Plan, factor: torch.Tensor) -> None:
 
     The backends skip coefficients >= 1 (they are clip coefficients); here ``factor`` exceeds 1
     when a GradScaler's scale has fallen below 1, and must still be applied. On the host that is
-    known for free; on a device it is not without a sync, so torch's multi-tensor multiply, which
-    applies any factor in one pass, does the write there.
+    known for free; on a device it is not without a sync, so the device's scale kernel is told to
+    apply any factor. (Not torch's ``_foreach_mul_``: on CUDA it would round a float32 factor to
+    bfloat16 for bfloat16 grads, where ``unscale_`` and the clip multiply in float32.)
     """
     for s in plan.sets:
         if s.backend.RESULTS_ON_HOST:
@@ -143,7 +144,7 @@ def scale_grads_(plan: Plan, factor: torch.Tensor) -> None:
             else:
                 s.backend.scale_(s.table, f, factor.dtype)
         else:
-            torch._foreach_mul_(s.table.tensors, factor.to(s.device, non_blocking=True))
+            s.backend.scale_(s.table, factor.to(s.device, non_blocking=True), always=True)
 
 
 @entry_point

@@ -53,6 +53,7 @@ RESULT_F64 = 2  # the norm and coefficient are float64 (any float64 grad), else 
 # ``mode`` of ``scale_kernel``.
 SCALE_F64 = 1  # the value it reads is float64, else float32
 SCALE_FROM_NORM = 2  # the value is a norm: the kernel computes torch's coefficient from it
+SCALE_ALWAYS = 4  # apply a factor >= 1 too (AMP's unscale: a factor, not a clip coefficient)
 
 # The kernels' argument types, for ahead-of-time compilation (PTX test, backend).
 POWER_SUMS_ARGS = "int64, int64, int64, int64, float64, int64, int64, float64, " \
@@ -848,7 +849,7 @@ def power_sums_kernel(table, n, nc, kind, p, scratch, flags, max_norm,
 def scale_kernel(table, n, nc, value_addr, mode, max_norm):
     """Multiply every writable tensor by a coefficient, with torch's ``mul_`` rounding: 32- and
     16-bit grads multiply in float32 by float32(coef), float64 grads in float64. Returns at once
-    when coef >= 1 (NaN is applied, like torch).
+    when coef >= 1 (NaN is applied, like torch), unless ``SCALE_ALWAYS`` is in ``mode``.
 
     The coefficient is the value at ``value_addr`` (float32, or float64 with ``SCALE_F64`` in
     ``mode``), or with ``SCALE_FROM_NORM`` torch's coefficient computed from the norm stored
@@ -860,7 +861,7 @@ def scale_kernel(table, n, nc, value_addr, mode, max_norm):
     else:
         v32 = as_f32(value_addr, 1)[0]
         c64 = np.float64(_coef_f32(v32, max_norm) if mode & SCALE_FROM_NORM else v32)
-    if c64 >= 1.0:
+    if c64 >= 1.0 and not mode & SCALE_ALWAYS:
         return
     c32 = np.float32(c64)
     tid = cuda.threadIdx.x

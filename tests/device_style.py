@@ -25,9 +25,12 @@ class DeviceStyleBackend:
                               torch.tensor(r.nonfinite, dtype=torch.int64))
 
     @staticmethod
-    def scale_(table, coef):
+    def scale_(table, coef, always=False):
         assert isinstance(coef, (float, torch.Tensor))
-        _cpu.scale_(table, float(coef))
+        if always and float(coef) >= 1.0:  # the CPU kernel skips factors >= 1
+            torch._foreach_mul_(table.tensors, float(coef))
+        else:
+            _cpu.scale_(table, float(coef))
 
     clamp_ = staticmethod(_cpu.clamp_)
 

@@ -283,6 +283,34 @@ def test_cuda_matches_and_never_syncs():
     assert float(found[torch.device("cuda", 0)]) == 1.0
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("init_scale, max_norm", [(2.0 ** 10, 1e-3), (0.25, 1e4)])
+def test_cuda_bf16_grads_match_unscale_then_clip(init_scale, max_norm):
+    """bf16 grads on CUDA are multiplied by the float32 factor (the scale kernel), as unscale_
+    and the clip multiply them; torch's CUDA _foreach_mul_ would round the factor to bf16."""
+    runs = []
+    for ours in (True, False):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.zeros(n, dtype=dtype, device="cuda"))
+                  for n, dtype in [(5000, torch.bfloat16), (3000, torch.float32)]]
+        for p in params:
+            p.grad = (torch.rand(p.shape, generator=gen) + 0.5).to(p.dtype).to("cuda")
+        opt = torch.optim.SGD(params, lr=1.0)
+        scaler = torch.amp.GradScaler("cuda", init_scale=init_scale)
+        scaler.scale(torch.ones((), device="cuda"))
+        if ours:
+            norm = fastclip.unscale_and_clip_(scaler, opt, max_norm)
+        else:
+            scaler.unscale_(opt)
+            norm = fastclip.clip_grad_norm_(params, max_norm)
+        runs.append((norm, [p.grad.clone() for p in params]))
+    (norm_a, grads_a), (norm_b, grads_b) = runs
+    torch.testing.assert_close(norm_a, norm_b, rtol=0, atol=0)
+    for a, b in zip(grads_a, grads_b):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("grads, init_scale, max_norm", [
     ([1e30 * 65536.0] * 4, 65536.0, 1e-6),  # inv_scale * coef is below float32's normal range
     ([3e38, 1.0, 2.0], 2.0 ** -4, 1.0),  # unscaling overflows to inf (a scale below 1)

@@ -518,6 +518,44 @@ def test_clip_grads_with_norm_falls_back_to_torch_ops_where_the_kernel_path_does
 # --- no host reads: the CUDA backend's calls never read a tensor value back ---------------------
 
 
+@needs_sim
+@pytest.mark.parametrize("init_scale, max_norm", [(2.0 ** 10, 0.05), (0.25, 2.0), (0.25, 1e4)])
+def test_unscale_and_clip_on_the_cuda_backend_matches_the_host(monkeypatch, init_scale, max_norm):
+    """AMP's one write pass on the CUDA backend is the scale kernel told to apply any factor
+    (a scale below 1 makes it exceed 1: 4 here without clipping), with the kernel's float32
+    multiply for bf16 grads; the grads and norm equal the host path's, and ``unscale_`` +
+    ``clip_grad_norm_``'s."""
+    def fresh():
+        return [(torch.randn(n, generator=torch.Generator().manual_seed(n)) * 3).to(dtype)
+                for n, dtype in [(700, torch.float32), (333, torch.bfloat16), (64, torch.float32)]]
+
+    def run(backend):
+        grads = fresh()
+        params = _params(grads)
+        scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+        scaler.scale(torch.zeros(()))  # creates the scale tensor
+        opt = torch.optim.SGD(params, lr=0.1)
+        with monkeypatch.context() as m:
+            if backend == "cuda":
+                m.setattr(_plan, "_backend_for", lambda device: _cuda)
+            if backend == "torch":
+                scaler.unscale_(opt)
+                norm = fastclip.clip_grad_norm_(params, max_norm)
+            else:
+                norm = fastclip.unscale_and_clip_(scaler, opt, max_norm)
+        return norm, grads
+
+    cuda_norm, cuda_grads = run("cuda")
+    for other in ("host", "torch"):
+        norm, grads = run(other)
+        assert_bitwise_equal(cuda_norm, norm)
+        for a, b in zip(cuda_grads, grads):
+            assert_bitwise_equal(a, b)
+    # Negative controls: every grad was written, and the cases clip or not as intended.
+    assert not any(torch.equal(a, b) for a, b in zip(cuda_grads, fresh()))
+    assert (float(cuda_norm) > max_norm) == (max_norm < 1e4)
+
+
 def _odd_params():
     """Grads the CUDA backend leaves to torch after its kernels: a sliced bf16 view and 0-d
     grads next to a float64 one (a float64 coefficient)."""
