@@ -392,9 +392,9 @@ def _zero_if_nonfinite(grads: list[torch.Tensor], finite: torch.Tensor) -> None:
 
 def _zero_cuda(kernels, grads: list[torch.Tensor], device: torch.device, finite: torch.Tensor) -> None:
     import numpy as np
-    from numba import cuda
 
     from fastclip._table import DTYPE_CODES, mark_written
+    from fastclip.agc import device_array, launch_context, upload
 
     flag_t = (~finite).to(device=device, dtype=torch.int32).reshape(1)
     dense = [g for g in grads if is_dense(g)]
@@ -406,18 +406,14 @@ def _zero_cuda(kernels, grads: list[torch.Tensor], device: torch.device, finite:
     addrs = np.array([g.data_ptr() for g in dense], dtype=np.int64)
     codes = np.array([DTYPE_CODES[g.dtype] for g in dense], dtype=np.int64)
     lengths = np.array([g.numel() for g in dense], dtype=np.int64)
-    from fastclip._cuda import upload_int64
-
     keep = []
-    with cuda.gpus[device.index if device.index is not None else torch.cuda.current_device()]:
-        stream = cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
-        flag = cuda.as_cuda_array(flag_t, sync=False)
 
-        def to_device(a):
-            keep.append(upload_int64(a, device))  # pinned: capturable in a CUDA graph
-            return cuda.as_cuda_array(keep[-1], sync=False)
+    def to_device(a):
+        keep.append(upload(kernels, a, device))  # pinned: capturable in a CUDA graph
+        return device_array(kernels, keep[-1])
 
-        kernels.run_zero_if(flag, addrs, codes, lengths, to_device, stream)
+    with launch_context(kernels, device) as stream:
+        kernels.run_zero_if(device_array(kernels, flag_t), addrs, codes, lengths, to_device, stream)
     mark_written(dense)
 
 

@@ -682,3 +682,67 @@ def test_kernel_writes_bump_version_counters_on_the_cuda_backend(cuda_backend):
     before = [t._version for t in grads]
     fastclip.clip_grad_value_(_params(grads), 1e-3)
     assert all(t._version > b for t, b in zip(grads, before))
+
+
+# --- the torch-facing glue of the AGC and zeroing kernels (device arrays, uploads, stream) -------
+
+
+def _agc_params(seed: int) -> list:
+    """Conv, linear, bias and 0-d parameters in three dtypes; a sliced grad (written back by
+    the glue after the kernel) and units that clip and units that do not."""
+    g = torch.Generator().manual_seed(seed)
+    specs = [((4, 3, 2, 2), torch.float32), ((6, 5), torch.bfloat16), ((7,), torch.float16),
+             ((), torch.float64), ((5, 9), torch.float32)]
+    params = []
+    for shape, dtype in specs:
+        w = torch.nn.Parameter((torch.randn(shape, generator=g) * 0.1).to(dtype))
+        w.grad = (torch.randn(shape, generator=g) * torch.rand(shape, generator=g) * 0.05).to(dtype)
+        params.append(w)
+    wide = (torch.randn(5, 18, generator=g) * 0.05).to(torch.float32)
+    params[-1].grad = wide[:, ::2]  # sliced: the kernel reads and writes a copy
+    return params
+
+
+@needs_sim
+def test_agc_cuda_glue_matches_the_cpu_kernels(monkeypatch):
+    """``agc._run_cuda`` (uploads, device arrays, the launch context) driving the CUDA kernels in
+    the simulator leaves the grads as the CPU kernels do."""
+    from fastclip import agc
+    from fastclip.kernels import agc_cuda
+
+    expected = _agc_params(1)
+    fastclip.adaptive_grad_clip_(expected, clipping=0.05)
+    ran = []
+
+    def run_cuda(pairs, clipping, eps):
+        ran.append(len(pairs))
+        return agc._run_cuda(agc_cuda, pairs, torch.device("cpu"), clipping, eps)
+
+    monkeypatch.setattr(agc, "_run_cpu", run_cuda)
+    params = _agc_params(1)
+    fastclip.adaptive_grad_clip_(params, clipping=0.05)
+    assert ran
+    for p, e in zip(params, expected):
+        assert_bitwise_equal(p.grad, e.grad)
+    assert not torch.equal(params[0].grad, _agc_params(1)[0].grad)  # negative control: it clipped
+
+
+@needs_sim
+@pytest.mark.parametrize("finite", [True, False])
+def test_zeroing_glue_zeroes_every_grad_only_when_the_flag_is_set(finite):
+    """``GradClipper(nonfinite="zero")``'s CUDA glue: the flag is read on the device by the
+    kernel, dense grads through the table, sliced ones by torch under the same flag."""
+    from fastclip import clipper
+    from fastclip.kernels import agc_cuda
+
+    base = torch.randn(40, 6)
+    grads = [torch.randn(700), torch.randn(33).bfloat16(), torch.randn(5, 4).half(), base[:, 1::2],
+             torch.randn(0)]
+    before = [g.clone() for g in grads]
+    base_before = base.clone()
+    versions = [g._version for g in grads]
+    clipper._zero_cuda(agc_cuda, grads, torch.device("cpu"), torch.tensor(finite))
+    for g, b in zip(grads, before):
+        assert_bitwise_equal(g, b if finite else torch.zeros_like(b))
+    assert all(g._version > v for g, v in zip(grads[:3], versions))  # the kernel may have written
+    assert_bitwise_equal(base[:, ::2], base_before[:, ::2])  # the slice's neighbours untouched
