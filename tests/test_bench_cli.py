@@ -178,6 +178,7 @@ def test_norm_check_tolerances():
 
 
 def test_model_run_writes_json_and_plot(tiny_models, tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (the `bench` extra)")
     out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
     rc = main(["--model", f"{tiny_models}:mlp", "--repeat", "2", "--warmup", "0", "--no-cold-start",
                "--json", str(out_json), "--plot", str(out_png)])

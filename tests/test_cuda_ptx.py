@@ -1,6 +1,7 @@
 """The real CUDA kernels compile to PTX for compute capability 9.0, with no GPU needed.
 
-numba-cuda compiles through libNVVM (from the CUDA toolkit, or the nvidia-cuda-nvrtc wheel), so
+numba-cuda compiles through libNVVM (from a CUDA toolkit; the nvidia-cuda-nvrtc wheel of the
+``cuda`` extra does not hold it), so
 a kernel that no longer compiles fails CI here rather than on the first GPU that runs it. The
 PTX is also checked for the instructions the design relies on, and assembled with ``ptxas``
 when the toolkit has it.
@@ -47,8 +48,8 @@ def ptx(tmp_path_factory):
             try:
                 text, _ = cuda.compile_ptx(function, sig, cc=CC)
             except NvvmSupportError as e:
-                pytest.skip(f"libNVVM is not available ({e}): install the CUDA toolkit or the "
-                            "nvidia-cuda-nvrtc wheel (pip install fastclip[cuda])")
+                pytest.skip(f"libNVVM is not available ({e}): install a CUDA toolkit, and "
+                            "fastclip's `cuda` extra")
             out[name] = text
         return out
     finally:
