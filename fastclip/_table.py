@@ -97,7 +97,7 @@ class TensorTable:
             # Wrapper subclasses (DTensor, FakeTensor, ...) report address 0: never hand it to a kernel.
             i = int(np.flatnonzero((addrs == 0) & (lengths > 0))[0])
             raise TypeError(f"fastclip: tensor {i} ({type(views[i]).__name__}) has no data address "
-                            "of its own; pass plain tensors (for DTensor grads, their local shards)")
+                            "of its own; pass plain tensors or DTensors")
         if isinstance(dtypes, torch.dtype):
             codes = np.empty(n, dtype=np.int64)
             codes.fill(DTYPE_CODES[dtypes])

@@ -34,6 +34,7 @@ import torch
 
 from fastclip._compile import entry_point
 from fastclip import _cpu
+from fastclip import _distributed
 from fastclip import _validate as V
 from fastclip._table import DTYPE_CODES, is_dense, mark_written
 from fastclip.kernels import agc as K
@@ -74,9 +75,36 @@ def _units_are_blocks(t: torch.Tensor) -> bool:
     return t.stride(0) == t.numel() // t.shape[0] and is_dense(t[0])
 
 
+def _local_pair(p: torch.Tensor, g: torch.Tensor, i: int, dtensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The local shards of a DTensor parameter and grad, when each rank holds whole units.
+
+    A unit is a row (dim 0) of a weight of two or more dimensions, or a whole vector: with
+    ``Replicate`` placements, and ``Shard(0)`` for such weights (FSDP2, column-parallel TP), every
+    unit lies whole in one rank's shard and AGC on the shards is AGC on the model. Any other
+    placement splits units across ranks, whose norms would need a collective per unit: refused.
+    """
+    if not (isinstance(p, dtensor) and isinstance(g, dtensor)):
+        raise TypeError(f"{_FN}: the parameter at index {i} of `parameters` and its grad must both be "
+                        f"DTensors or both plain tensors, got {type(p).__name__} and {type(g).__name__}")
+    for t in (p, g):
+        for pl in t.placements:
+            if not (pl.is_replicate() or (t.dim() >= 2 and pl.is_shard(0))):
+                raise ValueError(
+                    f"{_FN}: the {'grad' if t is g else 'parameter'} at index {i} of `parameters` is "
+                    f"a DTensor placed {tuple(t.placements)}, which splits AGC's units (rows of a "
+                    "weight, whole vectors) across ranks; supported: Replicate, and Shard(0) for "
+                    "weights of two or more dimensions (FSDP2's weights, but not its sharded biases "
+                    "and norm scales). Redistribute it first, or leave it out of `parameters`.")
+    if p.placements != g.placements or p.device_mesh != g.device_mesh:
+        raise ValueError(f"{_FN}: the parameter at index {i} of `parameters` and its grad are placed "
+                         f"differently ({tuple(p.placements)} vs {tuple(g.placements)})")
+    return _distributed._local(p), _distributed._local(g)
+
+
 def _pairs(parameters: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(parameter, grad) pairs to clip, validated before anything is written."""
     pairs = []
+    dtensor = _distributed._dtensor_type()
     for i, p in enumerate(parameters):
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"{_FN}: every element of `parameters` must be a torch.Tensor, "
@@ -84,6 +112,8 @@ def _pairs(parameters: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
         g = p.grad
         if g is None:
             continue
+        if dtensor is not None and (isinstance(p, dtensor) or isinstance(g, dtensor)):
+            p, g = _local_pair(p, g, i, dtensor)
         if g.layout != torch.strided or p.layout != torch.strided:
             raise ValueError(f"{_FN}: `parameters` holds a sparse (or other non-strided) parameter "
                              f"or grad at index {i} (layout {g.layout}); AGC needs dense tensors")
@@ -99,6 +129,12 @@ def _pairs(parameters: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
                              f"(an expanded tensor, strides {g.stride()}); it cannot be clipped "
                              "in place")
         if g.numel():
+            if (p.data_ptr() == 0 or g.data_ptr() == 0) and p.device.type in ("cpu", "cuda"):
+                # A wrapper subclass (FakeTensor, a DTensor seen through another wrapper, ...):
+                # no memory of its own for a kernel to read.
+                raise TypeError(f"{_FN}: the parameter or grad at index {i} of `parameters` "
+                                f"({type(p).__name__}, {type(g).__name__}) has no data address of "
+                                "its own; AGC takes plain tensors and DTensors")
             pairs.append((p.detach(), g))
     return pairs
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.utils.clip_grad as _torch_clip
 
 from fastclip._compile import entry_point
+from fastclip import _distributed
 from fastclip import _validate as V
 from fastclip._plan import Plan
 from fastclip._table import is_dense
@@ -58,6 +59,10 @@ class GradClipper:
             A non-finite norm never enters a policy's history.
         window: how many recent steps ``summary()`` takes the norm's percentiles over
             (keyword-only).
+        group: keyword-only ``torch.distributed`` process group over which the norm is global,
+            as in ``clip_grad_norm_(..., group=)``; DTensor grads (FSDP2, tensor parallel) are
+            recognized without it. Every rank then sees the same norm, so an adaptive policy
+            keeps the same history and threshold on every rank.
 
     Attributes:
         skipped: 0-d bool tensor on the grads' device: True when the last step's norm was
@@ -93,8 +98,12 @@ class GradClipper:
         nonfinite: str = "propagate",
         *,
         window: int = 1000,
+        group=None,
     ) -> None:
         fn = "GradClipper"
+        if group is not None:
+            _distributed.check_group(group, fn)
+        self.group = group
         params = V.as_list(parameters, fn, "parameters")
         for i, p in enumerate(params):
             if not isinstance(p, torch.Tensor):
@@ -139,13 +148,14 @@ class GradClipper:
                 the clipper's state is as before the call).
         """
         fn = "GradClipper.step"
-        grads = V.grads_of(self.params, fn)
-        if not grads:
+        grads, group = _distributed.resolve(V.grads_of(self.params, fn), self.group, fn)
+        if not grads and group is None:
             return torch.tensor(0.0)
         plan = Plan.build(grads, fn, "parameters")
         if plan is not None:
-            norm = plan.total_norm(self.norm_type)
+            norm = plan.total_norm(self.norm_type, group=group)
         else:
+            _distributed.require_kernel(group, fn)
             norm = _TORCH_GET_TOTAL_NORM(grads, self.norm_type, False, None)
         finite = torch.isfinite(norm)
         if self.nonfinite == "error" and not bool(finite):

@@ -524,3 +524,19 @@ def test_cuda_graph_replays_with_new_values():
         agc_reference_(fresh, 0.01)
         for q, p in zip(gpu, fresh):
             assert_bitwise_equal(q.grad.cpu(), p.grad)
+
+
+def test_tensors_without_memory_of_their_own_are_refused():
+    """A wrapper subclass (here FakeTensor) reports address 0: refused before any kernel reads
+    it (it used to crash the process)."""
+    import warnings
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        w = torch.nn.Parameter(torch.randn(4, 3))
+        w.grad = torch.randn(4, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns about reading a FakeTensor's data pointer
+        with pytest.raises(TypeError, match="no data address of its own"):
+            fastclip.adaptive_grad_clip_([w], 0.01)

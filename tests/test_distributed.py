@@ -493,8 +493,97 @@ def check_scale(rank, world):
     return {"t500_ms": times[500] * 1e3, "t2000_ms": times[2000] * 1e3, "ratio": ratio}
 
 
+def check_grad_clipper(rank, world):
+    """GradClipper with `group=` (plain shards) and with DTensor grads: each step clips by the
+    whole model's norm, bit for bit as clip_grad_norm_ does, and an adaptive policy keeps the
+    same threshold on every rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+
+    group = dist.group.WORLD
+    full = full_grads(7)
+    exact = exact_norm(full, 2.0)
+    ours = [shard_of(t, rank, world) for t in full]
+    theirs = [x.clone() for x in ours]
+    norm = fastclip.GradClipper([param_with_grad(x) for x in ours], max_norm=exact / 3,
+                                group=group).step()
+    expected = fastclip.clip_grad_norm_([param_with_grad(x) for x in theirs], exact / 3, group=group)
+    assert_bitwise_equal(norm, expected)
+    assert_norm_close(norm, full, 2.0)
+    for a, b in zip(ours, theirs):
+        assert_bitwise_equal(a, b)
+    # Negative control: without `group` each rank clips by its own shard's norm.
+    local = fastclip.GradClipper([param_with_grad(shard_of(t, rank, world)) for t in full]).step()
+    assert float(local) < exact * (1 - 1e-3)
+
+    # An adaptive policy over several steps: the same history, hence threshold, on every rank.
+    params = [param_with_grad(shard_of(t, rank, world)) for t in full]
+    clipper = fastclip.GradClipper(params, max_norm=None, policy=fastclip.ZClip(warmup=2),
+                                   group=group)
+    for step in range(5):
+        step_full = full_grads(20 + step)
+        for prm, t in zip(params, step_full):
+            prm.grad = shard_of(t, rank, world)
+        norm = clipper.step()
+        assert_norm_close(norm, step_full, 2.0)
+        same_on_all_ranks(float(clipper.threshold))
+
+    # DTensor grads: recognized without `group`.
+    mesh = init_device_mesh("cpu", (world,))
+    cycle = [(Shard(0),), (Replicate(),), (Shard(0),), (Shard(1),), (Replicate(),), (Shard(2),),
+             (Shard(0),)]
+    full, grads, dparams = _dtensor_set(mesh, cycle, 8)
+    max_norm = exact_norm(full, 2.0) / 3
+    norm = fastclip.GradClipper(dparams, max_norm=max_norm).step()
+    assert type(norm) is torch.Tensor
+    assert_norm_close(norm, full, 2.0)
+    same_on_all_ranks(norm.item())
+    coef = reference_coef(max_norm, norm)
+    for g, t in zip(grads, full):
+        assert_bitwise_equal(g.full_tensor(), t * coef)
+
+
+def check_agc_dtensor(rank, world):
+    """AGC on DTensor weights whose units (rows) lie whole in each shard (Shard(0), Replicate)
+    equals AGC on the unsharded model; a placement that splits units is refused, nothing written."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    gen = torch.Generator().manual_seed(11)
+    shapes = [((13, 7), Shard(0)), ((9, 4, 3), Shard(0)), ((6,), Replicate()), ((5, 5), Replicate())]
+    full_w = [torch.randn(s, generator=gen) for s, _ in shapes]
+    full_g = [torch.randn(s, generator=gen) * torch.rand(s, generator=gen) for s, _ in shapes]
+    whole = [torch.nn.Parameter(w.clone()) for w in full_w]
+    for prm, g in zip(whole, full_g):
+        prm.grad = g.clone()
+    fastclip.adaptive_grad_clip_(whole, clipping=0.05)
+    params = []
+    for (shape, pl), w, g in zip(shapes, full_w, full_g):
+        prm = torch.nn.Parameter(distribute_tensor(w.clone(), mesh, [pl]))
+        prm.grad = distribute_tensor(g.clone(), mesh, [pl])
+        params.append(prm)
+    fastclip.adaptive_grad_clip_(params, clipping=0.05)
+    for prm, ref in zip(params, whole):
+        assert_bitwise_equal(prm.grad.full_tensor(), ref.grad)
+    assert not torch.equal(whole[0].grad, full_g[0])  # negative control: it clipped
+    for pl, shape in ((Shard(1), (8, 6)), (Shard(0), (12,))):  # rows split / a vector split
+        prm = torch.nn.Parameter(distribute_tensor(torch.randn(shape, generator=gen), mesh, [pl]))
+        prm.grad = distribute_tensor(torch.randn(shape, generator=gen), mesh, [pl])
+        before = prm.grad.to_local().clone()
+        try:
+            fastclip.adaptive_grad_clip_(params[:1] + [prm], clipping=1e-4)
+        except ValueError as err:
+            assert "splits AGC's units" in str(err), str(err)
+        else:
+            raise AssertionError(f"a {pl} DTensor of shape {shape} was accepted")
+        assert torch.equal(prm.grad.to_local(), before)
+        assert_bitwise_equal(params[0].grad.full_tensor(), whole[0].grad)  # nothing written
+
+
 CHECKS = [check_sharded_plain, check_empty_rank, check_subgroup_and_membership, check_dtensor_1d,
-          check_dtensor_2d, check_device_tensor_paths, check_fsdp2, check_fsdp1, check_scale]
+          check_dtensor_2d, check_device_tensor_paths, check_fsdp2, check_fsdp1, check_scale,
+          check_grad_clipper, check_agc_dtensor]
 
 
 def _worker(rank: int, world: int, port: int, outdir: str) -> None:
@@ -586,6 +675,14 @@ def test_fsdp1_grads_with_the_process_group(rank_results):
     _assert_check(rank_results, check_fsdp1)
 
 
+def test_grad_clipper_across_ranks(rank_results):
+    _assert_check(rank_results, check_grad_clipper)
+
+
+def test_agc_on_dtensors_with_whole_units(rank_results):
+    _assert_check(rank_results, check_agc_dtensor)
+
+
 def test_dtensor_scale_is_linear(rank_results):
     infos = _assert_check(rank_results, check_scale)
     print("clip time, 500 vs 2000 DTensor grads, per rank:", infos)
@@ -602,6 +699,8 @@ def test_group_of_wrong_type_is_a_type_error(bad):
         fastclip.clip_grad_norm_([param_with_grad(g)], 0.1, group=bad)
     with pytest.raises(TypeError, match=r"get_total_norm: `group`"):
         fastclip.get_total_norm([g], group=bad)
+    with pytest.raises(TypeError, match=r"GradClipper: `group`"):
+        fastclip.GradClipper([param_with_grad(g)], group=bad)
     assert torch.equal(g, torch.ones(3))
 
 
