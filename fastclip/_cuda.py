@@ -332,6 +332,39 @@ def upload_int64(host: np.ndarray, device: torch.device, capturing: Optional[boo
     return out
 
 
+# --- for kernels launched through numba's dispatcher (AGC, GradClipper's zeroing) ----------------
+
+
+def numba_array(t: torch.Tensor):
+    """numba's view of the torch tensor ``t``'s memory: a device array, or in the simulator
+    (where device memory is host memory) a numpy array."""
+    if K.SIMULATOR:
+        return t.numpy()
+    from numba import cuda
+
+    return cuda.as_cuda_array(t, sync=False)
+
+
+def numba_upload(host: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``upload_int64`` (pinned memory: capturable in a CUDA graph), or a host copy in the
+    simulator."""
+    if K.SIMULATOR:
+        return torch.from_numpy(host.astype(np.int64, copy=True))
+    return upload_int64(host, device)
+
+
+@contextlib.contextmanager
+def numba_launch(device: torch.device):
+    """numba's context for ``device``; yields torch's current stream there (0 in the simulator)."""
+    if K.SIMULATOR:
+        yield 0
+        return
+    from numba import cuda
+
+    with cuda.gpus[device.index if device.index is not None else torch.cuda.current_device()]:
+        yield cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
+
+
 def _upload(table: TensorTable, device: torch.device, stream: int, capturing: bool,
             scalars: tuple = ()) -> _DeviceTable:
     # Blocks write their chunks concurrently: memory listed twice would race (torch scales it

@@ -24,7 +24,6 @@ has compiled and loaded the kernels).
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 from typing import Optional
@@ -235,53 +234,23 @@ def _cuda_kernels():
     return _cuda_state["module"]
 
 
-def device_array(kernels, t: torch.Tensor):
-    """numba's view of the torch tensor ``t``'s memory: a device array, or in the simulator
-    (where device memory is host memory) a numpy array."""
-    if kernels.SIMULATOR:
-        return t.numpy()
-    from numba import cuda
-
-    return cuda.as_cuda_array(t, sync=False)
-
-
-def upload(kernels, host: np.ndarray, device: torch.device) -> torch.Tensor:
-    """An int64 tensor holding ``host`` where the kernels read it: uploaded from pinned memory
-    (capturable in a CUDA graph, see ``_cuda.upload_int64``), or a host copy in the simulator."""
-    if kernels.SIMULATOR:
-        return torch.from_numpy(host.astype(np.int64, copy=True))
-    from fastclip._cuda import upload_int64
-
-    return upload_int64(host, device)
-
-
-@contextlib.contextmanager
-def launch_context(kernels, device: torch.device):
-    """numba's context for ``device``; yields torch's current stream there (0 in the simulator)."""
-    if kernels.SIMULATOR:
-        yield 0
-        return
-    from numba import cuda
-
-    with cuda.gpus[device.index if device.index is not None else torch.cuda.current_device()]:
-        yield cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
-
-
 def _run_cuda(kernels, pairs, device: torch.device, clipping: float, eps: float) -> torch.Tensor:
+    from fastclip._cuda import numba_array, numba_launch, numba_upload
+
     table = _Table(pairs)
     keep = []
 
     def to_device(a: np.ndarray):
-        keep.append(upload(kernels, a, device))
-        return device_array(kernels, keep[-1])
+        keep.append(numba_upload(a, device))
+        return numba_array(keep[-1])
 
     out = []
 
     def zeros(n: int):
         out.append(torch.zeros(n, dtype=torch.float64, device=device))
-        return device_array(kernels, out[-1])
+        return numba_array(out[-1])
 
-    with launch_context(kernels, device) as stream:
+    with numba_launch(device) as stream:
         kernels.run_agc(table.waddrs, table.gaddrs, table.codes, table.n_rows, table.row_len,
                         clipping, eps, to_device, zeros, stream)
     table.finish()

@@ -403,8 +403,8 @@ def _zero_if_nonfinite(grads: list[torch.Tensor], finite: torch.Tensor) -> None:
 def _zero_cuda(kernels, grads: list[torch.Tensor], device: torch.device, finite: torch.Tensor) -> None:
     import numpy as np
 
+    from fastclip._cuda import numba_array, numba_launch, numba_upload
     from fastclip._table import DTYPE_CODES, mark_written
-    from fastclip.agc import device_array, launch_context, upload
 
     flag_t = (~finite).to(device=device, dtype=torch.int32).reshape(1)
     dense = [g for g in grads if is_dense(g)]
@@ -419,11 +419,11 @@ def _zero_cuda(kernels, grads: list[torch.Tensor], device: torch.device, finite:
     keep = []
 
     def to_device(a):
-        keep.append(upload(kernels, a, device))  # pinned: capturable in a CUDA graph
-        return device_array(kernels, keep[-1])
+        keep.append(numba_upload(a, device))
+        return numba_array(keep[-1])
 
-    with launch_context(kernels, device) as stream:
-        kernels.run_zero_if(device_array(kernels, flag_t), addrs, codes, lengths, to_device, stream)
+    with numba_launch(device) as stream:
+        kernels.run_zero_if(numba_array(flag_t), addrs, codes, lengths, to_device, stream)
     mark_written(dense)
 
 
