@@ -19,7 +19,8 @@ two parameters, overlapping views) are clipped in list order, in successive call
 formula applied parameter after parameter does. Other devices run the same formula in torch ops.
 On CUDA each call uploads its table from pinned memory on torch's current stream, as
 ``clip_grad_norm_`` does, so that a call can be captured in a CUDA graph (after one eager call
-has compiled and loaded the kernels).
+has compiled and loaded the kernels). DTensor parameters are clipped on their local shards, with
+one all-reduce per mesh for units split across ranks (``_agc_split``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from fastclip._compile import entry_point
 from fastclip import _cpu
 from fastclip import _distributed
 from fastclip import _validate as V
+from fastclip._agc_split import clip_split_, splits_units
 from fastclip._table import DTYPE_CODES, is_dense, mark_written
 from fastclip.kernels import agc as K
 
@@ -74,35 +76,25 @@ def _units_are_blocks(t: torch.Tensor) -> bool:
     return t.stride(0) == t.numel() // t.shape[0] and is_dense(t[0])
 
 
-def _local_pair(p: torch.Tensor, g: torch.Tensor, i: int, dtensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The local shards of a DTensor parameter and grad, when each rank holds whole units.
-
-    A unit is a row (dim 0) of a weight of two or more dimensions, or a whole vector: with
-    ``Replicate`` placements, and ``Shard(0)`` for such weights (FSDP2, column-parallel TP), every
-    unit lies whole in one rank's shard and AGC on the shards is AGC on the model. Any other
-    placement splits units across ranks, whose norms would need a collective per unit: refused.
-    """
+def _check_dtensor_pair(p: torch.Tensor, g: torch.Tensor, i: int, dtensor) -> None:
+    """A DTensor parameter and grad AGC can clip: both DTensors, placed alike, none Partial."""
     if not (isinstance(p, dtensor) and isinstance(g, dtensor)):
         raise TypeError(f"{_FN}: the parameter at index {i} of `parameters` and its grad must both be "
                         f"DTensors or both plain tensors, got {type(p).__name__} and {type(g).__name__}")
-    for t in (p, g):
-        for pl in t.placements:
-            if not (pl.is_replicate() or (t.dim() >= 2 and pl.is_shard(0))):
-                raise ValueError(
-                    f"{_FN}: the {'grad' if t is g else 'parameter'} at index {i} of `parameters` is "
-                    f"a DTensor placed {tuple(t.placements)}, which splits AGC's units (rows of a "
-                    "weight, whole vectors) across ranks; supported: Replicate, and Shard(0) for "
-                    "weights of two or more dimensions (FSDP2's weights, but not its sharded biases "
-                    "and norm scales). Redistribute it first, or leave it out of `parameters`.")
     if p.placements != g.placements or p.device_mesh != g.device_mesh:
         raise ValueError(f"{_FN}: the parameter at index {i} of `parameters` and its grad are placed "
                          f"differently ({tuple(p.placements)} vs {tuple(g.placements)})")
-    return _distributed._local(p), _distributed._local(g)
+    if any(pl.is_partial() for pl in g.placements):
+        raise ValueError(f"{_FN}: the grad at index {i} of `parameters` is a DTensor with a Partial "
+                         f"placement {tuple(g.placements)}: its values are unreduced sums, whose "
+                         "norms mean nothing. Redistribute it first.")
 
 
-def _pairs(parameters: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(parameter, grad) pairs to clip, validated before anything is written."""
-    pairs = []
+def _pairs(parameters: list) -> tuple[list, list]:
+    """(parameter, grad) pairs to clip, validated before anything is written: those the kernels
+    clip (plain tensors, and the local shards of DTensors whose units lie whole in them), and
+    the DTensor pairs whose units are split across ranks (``_agc_split``)."""
+    pairs, split = [], []
     dtensor = _distributed._dtensor_type()
     for i, p in enumerate(parameters):
         if not isinstance(p, torch.Tensor):
@@ -111,8 +103,13 @@ def _pairs(parameters: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
         g = p.grad
         if g is None:
             continue
+        is_split = False
         if dtensor is not None and (isinstance(p, dtensor) or isinstance(g, dtensor)):
-            p, g = _local_pair(p, g, i, dtensor)
+            _check_dtensor_pair(p, g, i, dtensor)
+            is_split = any(splits_units(pl, g.dim()) for pl in g.placements)
+            if is_split:
+                split.append((p, g))  # every rank joins its all-reduce, empty shard or not
+            p, g = _distributed._local(p), _distributed._local(g)
         if g.layout != torch.strided or p.layout != torch.strided:
             raise ValueError(f"{_FN}: `parameters` holds a sparse (or other non-strided) parameter "
                              f"or grad at index {i} (layout {g.layout}); AGC needs dense tensors")
@@ -127,7 +124,7 @@ def _pairs(parameters: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
             raise ValueError(f"{_FN}: the grad at index {i} of `parameters` overlaps itself "
                              f"(an expanded tensor, strides {g.stride()}); it cannot be clipped "
                              "in place")
-        if g.numel():
+        if g.numel() and not is_split:
             if (p.data_ptr() == 0 or g.data_ptr() == 0) and p.device.type in ("cpu", "cuda"):
                 # A wrapper subclass (FakeTensor, a DTensor seen through another wrapper, ...):
                 # no memory of its own for a kernel to read.
@@ -135,7 +132,7 @@ def _pairs(parameters: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
                                 f"({type(p).__name__}, {type(g).__name__}) has no data address of "
                                 "its own; AGC takes plain tensors and DTensors")
             pairs.append((p.detach(), g))
-    return pairs
+    return pairs, split
 
 
 def _rounds(pairs: list) -> list[list]:
@@ -287,7 +284,10 @@ def adaptive_grad_clip_(
     norm gets the factor 0 (its inf elements become NaN), as in the reference implementation.
 
     One fused kernel call covers all tensors (on the CPU and on CUDA); every argument is
-    checked first, so a call that raises changes no grad.
+    checked first, so a call that raises changes no grad. DTensor parameters (FSDP2, tensor
+    parallel) are clipped as the unsharded model would be: on their local shards, with one
+    all-reduce per mesh for units that a placement splits across ranks (every rank must then make
+    the call, with the same parameters).
 
     Args:
         parameters: a tensor, or an iterable of tensors, whose ``.grad`` are clipped (weights
@@ -301,8 +301,8 @@ def adaptive_grad_clip_(
     Raises:
         TypeError: an element of ``parameters`` is not a tensor, a grad is not a 16-, 32- or
             64-bit float, or ``clipping``/``eps`` is not a number.
-        ValueError: ``clipping`` or ``eps`` is out of range, or a grad is sparse or does not
-            match its parameter.
+        ValueError: ``clipping`` or ``eps`` is out of range, or a grad is sparse, does not
+            match its parameter, or is a DTensor with a ``Partial`` placement.
 
     Example:
         >>> import torch, fastclip
@@ -320,9 +320,7 @@ def adaptive_grad_clip_(
     parameters = V.as_list(parameters, _FN, "parameters")
     clipping = _check_positive(clipping, "clipping", allow_zero=False)
     eps = _check_positive(eps, "eps", allow_zero=True)
-    pairs = _pairs(parameters)
-    if not pairs:
-        return
+    pairs, split = _pairs(parameters)
     by_device: dict[torch.device, list] = {}
     for pair in pairs:
         by_device.setdefault(pair[1].device, []).append(pair)
@@ -337,6 +335,8 @@ def adaptive_grad_clip_(
                 _run_cuda(kernels, round_, device, clipping, eps)
             else:
                 _run_torch(round_, clipping, eps)
+    if split:
+        clip_split_(split, clipping, eps)
 
 
 __all__ = ["adaptive_grad_clip_"]

@@ -544,41 +544,64 @@ def check_grad_clipper(rank, world):
 
 
 def check_agc_dtensor(rank, world):
-    """AGC on DTensor weights whose units (rows) lie whole in each shard (Shard(0), Replicate)
-    equals AGC on the unsharded model; a placement that splits units is refused, nothing written."""
+    """AGC on DTensor parameters equals AGC on the unsharded model: bit for bit where every unit
+    lies whole in a shard (Shard(0) weights, Replicate), to float32 rounding of the factor where
+    units are split across ranks (a row-parallel weight, FSDP2's sharded vectors, one with empty
+    shards; on a 1-D and a 2x2 mesh); Partial grads are refused before anything is written."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
-    mesh = init_device_mesh("cpu", (world,))
+    mesh1 = init_device_mesh("cpu", (world,))
+    mesh2 = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
     gen = torch.Generator().manual_seed(11)
-    shapes = [((13, 7), Shard(0)), ((9, 4, 3), Shard(0)), ((6,), Replicate()), ((5, 5), Replicate())]
-    full_w = [torch.randn(s, generator=gen) for s, _ in shapes]
-    full_g = [torch.randn(s, generator=gen) * torch.rand(s, generator=gen) for s, _ in shapes]
+    specs = [((13, 7), mesh1, [Shard(0)], False), ((9, 4, 3), mesh1, [Shard(0)], False),
+             ((6,), mesh1, [Replicate()], False), ((5, 5), mesh1, [Replicate()], False),
+             ((8, 6), mesh1, [Shard(1)], True), ((12,), mesh1, [Shard(0)], True),
+             ((3,), mesh1, [Shard(0)], True),  # fewer elements than ranks: an empty shard
+             ((10, 8), mesh2, [Shard(0), Shard(1)], True), ((10,), mesh2, [Replicate(), Shard(0)], True),
+             ((6, 4), mesh2, [Shard(0), Replicate()], False)]
+    full_w = [torch.randn(s, generator=gen) for s, *_ in specs]
+    full_g = [torch.randn(s, generator=gen) * torch.rand(s, generator=gen) * 0.3 for s, *_ in specs]
     whole = [torch.nn.Parameter(w.clone()) for w in full_w]
     for prm, g in zip(whole, full_g):
         prm.grad = g.clone()
     fastclip.adaptive_grad_clip_(whole, clipping=0.05)
     params = []
-    for (shape, pl), w, g in zip(shapes, full_w, full_g):
-        prm = torch.nn.Parameter(distribute_tensor(w.clone(), mesh, [pl]))
-        prm.grad = distribute_tensor(g.clone(), mesh, [pl])
+    for (shape, mesh, pl, _), w, g in zip(specs, full_w, full_g):
+        prm = torch.nn.Parameter(distribute_tensor(w.clone(), mesh, pl))
+        prm.grad = distribute_tensor(g.clone(), mesh, pl)
         params.append(prm)
     fastclip.adaptive_grad_clip_(params, clipping=0.05)
-    for prm, ref in zip(params, whole):
-        assert_bitwise_equal(prm.grad.full_tensor(), ref.grad)
-    assert not torch.equal(whole[0].grad, full_g[0])  # negative control: it clipped
-    for pl, shape in ((Shard(1), (8, 6)), (Shard(0), (12,))):  # rows split / a vector split
-        prm = torch.nn.Parameter(distribute_tensor(torch.randn(shape, generator=gen), mesh, [pl]))
-        prm.grad = distribute_tensor(torch.randn(shape, generator=gen), mesh, [pl])
-        before = prm.grad.to_local().clone()
-        try:
-            fastclip.adaptive_grad_clip_(params[:1] + [prm], clipping=1e-4)
-        except ValueError as err:
-            assert "splits AGC's units" in str(err), str(err)
+    for (shape, mesh, pl, split), prm, ref, g0 in zip(specs, params, whole, full_g):
+        got = prm.grad.full_tensor()
+        if split:
+            torch.testing.assert_close(got, ref.grad, rtol=2.4e-7, atol=0)
+            assert not torch.equal(got, g0), f"{shape} {pl} was not clipped"  # negative control
         else:
-            raise AssertionError(f"a {pl} DTensor of shape {shape} was accepted")
-        assert torch.equal(prm.grad.to_local(), before)
-        assert_bitwise_equal(params[0].grad.full_tensor(), whole[0].grad)  # nothing written
+            assert_bitwise_equal(got, ref.grad)
+    # Negative control: the row-parallel weight's shards clipped alone, each by its own partial
+    # row norms, are not AGC on the model.
+    alone = []
+    for w, g in zip(full_w[4].tensor_split(world, dim=1), full_g[4].tensor_split(world, dim=1)):
+        q = torch.nn.Parameter(w.clone())
+        q.grad = g.clone()
+        fastclip.adaptive_grad_clip_([q], clipping=0.05)
+        alone.append(q.grad)
+    assert not torch.allclose(torch.cat(alone, dim=1), whole[4].grad, rtol=1e-4, atol=0)
+
+    local = torch.full((4, 2), float(rank + 1))
+    prm = torch.nn.Parameter(DTensor.from_local(local.clone(), mesh1, [Partial()], run_check=False))
+    prm.grad = DTensor.from_local(local, mesh1, [Partial()], run_check=False)
+    before = [q.grad.to_local().clone() for q in params[:2]]
+    try:
+        fastclip.adaptive_grad_clip_(params[:2] + [prm], clipping=1e-4)
+    except ValueError as err:
+        assert "Partial" in str(err), str(err)
+    else:
+        raise AssertionError("a Partial DTensor grad was accepted")
+    assert torch.equal(local, torch.full((4, 2), float(rank + 1)))
+    for q, b in zip(params[:2], before):
+        assert_bitwise_equal(q.grad.to_local(), b)
 
 
 CHECKS = [check_sharded_plain, check_empty_rank, check_subgroup_and_membership, check_dtensor_1d,
@@ -679,7 +702,7 @@ def test_grad_clipper_across_ranks(rank_results):
     _assert_check(rank_results, check_grad_clipper)
 
 
-def test_agc_on_dtensors_with_whole_units(rank_results):
+def test_agc_on_dtensors(rank_results):
     _assert_check(rank_results, check_agc_dtensor)
 
 
