@@ -559,9 +559,12 @@ def check_agc_dtensor(rank, world):
              ((8, 6), mesh1, [Shard(1)], True), ((12,), mesh1, [Shard(0)], True),
              ((3,), mesh1, [Shard(0)], True),  # fewer elements than ranks: an empty shard
              ((10, 8), mesh2, [Shard(0), Shard(1)], True), ((10,), mesh2, [Replicate(), Shard(0)], True),
-             ((6, 4), mesh2, [Shard(0), Replicate()], False)]
-    full_w = [torch.randn(s, generator=gen) for s, *_ in specs]
-    full_g = [torch.randn(s, generator=gen) * torch.rand(s, generator=gen) * 0.3 for s, *_ in specs]
+             ((6, 4), mesh2, [Shard(0), Replicate()], False),
+             ((7, 9), mesh1, [Shard(1)], True), ((11,), mesh1, [Shard(0)], True)]  # bf16 below
+    dtypes = [torch.float32] * (len(specs) - 2) + [torch.bfloat16] * 2
+    full_w = [torch.randn(s, generator=gen).to(dt) for (s, *_), dt in zip(specs, dtypes)]
+    full_g = [(torch.randn(s, generator=gen) * torch.rand(s, generator=gen) * 0.3).to(dt)
+              for (s, *_), dt in zip(specs, dtypes)]
     whole = [torch.nn.Parameter(w.clone()) for w in full_w]
     for prm, g in zip(whole, full_g):
         prm.grad = g.clone()
