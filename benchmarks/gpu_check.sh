@@ -15,10 +15,14 @@
 # (install and versions always run; the numba cache from the first call makes later warmups fast).
 set -uo pipefail
 STAGES=${STAGES:-warmup tests bench compile}
+for stage in $STAGES; do
+  case $stage in warmup|tests|bench|compile) ;; *) echo "gpu_check: unknown stage '$stage' in STAGES" >&2; exit 2 ;; esac
+done
 want() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu-check-out}
 mkdir -p "$OUT"
+rm -f "$OUT/gpu_tests.log"  # the summary reports this run's tests only
 cd "$(dirname "$0")/.."
 
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1

@@ -6,8 +6,9 @@ in one rank's shard, and replication leaves everything whole: the kernels clip t
 plain tensors. Any other ``Shard`` splits units: FSDP2's sharded biases and norm scales
 (``Shard(0)`` of a vector), row-parallel weights (``Shard(1)``). Their norms are sums over the
 ranks that share a unit, so here each rank computes its shard's float64 sums of squares per unit,
-one all-reduce per mesh (over the mesh dimensions that split units) adds them up, and every rank
-applies the same factors to its own shard, with the kernels' formula and rounding.
+all-reduces over the mesh dimensions that split units add them up (one per such dimension, for
+each mesh and set of dimensions), and every rank applies the same factors to its own shard, with
+the kernels' formula and rounding.
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from fastclip.kernels.agc import GRAD_NORM_FLOOR
 
 
 def splits_units(placement, ndim: int) -> bool:
-    """True when ``placement`` (not Partial) cuts AGC's units of a tensor of ``ndim`` dims."""
+    """True when ``placement`` (Replicate, Shard or _StridedShard) cuts AGC's units of a tensor
+    of ``ndim`` dims: anything but replication and a split along dim 0 of a weight (FSDP2 over
+    tensor parallel places a column-parallel weight ``(_StridedShard(0), Shard(0))``: rows whole)."""
     if placement.is_replicate():
         return False
-    return not (ndim >= 2 and placement.is_shard(0))
+    return not (ndim >= 2 and _distributed._splits(placement) and placement.dim == 0)
 
 
 def _unit_sums(t: torch.Tensor) -> torch.Tensor:
@@ -47,8 +50,24 @@ def clip_split_(pairs: list, clipping: float, eps: float) -> None:
     """Clip ``(parameter, grad)`` DTensor pairs whose units are split across ranks, in place.
 
     Every rank of each mesh must call this with the same pairs in the same order (the
-    all-reduces are matched by order), empty local shards included.
+    all-reduces are matched by order), empty local shards included. One all-reduce per mesh
+    dimension that splits units, for each mesh and set of such dimensions.
     """
+    # A grad listed twice is clipped twice, the second time from the first's result (as the
+    # kernels' rounds do): its later listings go to later rounds. Rounds follow the parameter
+    # list, so every rank runs the same collectives.
+    rounds: list[list] = []
+    listed: dict[int, int] = {}
+    for pair in pairs:
+        r = listed[id(pair[1])] = listed.get(id(pair[1]), -1) + 1
+        if r == len(rounds):
+            rounds.append([])
+        rounds[r].append(pair)
+    for round_ in rounds:
+        _clip_round_(round_, clipping, eps)
+
+
+def _clip_round_(pairs: list, clipping: float, eps: float) -> None:
     import torch.distributed as dist
 
     buckets: dict = {}  # (mesh, mesh dims that split units) -> pairs; meshes compare by value

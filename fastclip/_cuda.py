@@ -464,7 +464,9 @@ def _scale_like_kernel_(t: torch.Tensor, coef: torch.Tensor) -> None:
     are left to torch (``TensorTable.promoted_scalars``).
     """
     if t.dim() > 0 and t.dtype in _SIXTEEN_BIT:
-        t.copy_(t.float().mul_(coef.float()))
+        # A one-element operand with a dimension takes part in type promotion (a 0-d one does
+        # not): float32 arithmetic, one rounding to the grad's dtype, no float32 copy of it.
+        t.mul_(coef.float().reshape(1))
     else:
         t.mul_(coef)
 
@@ -542,10 +544,11 @@ def fused_clip_(table: TensorTable, p: float, max_norm: float, dtype: torch.dtyp
 
 
 def _inside_a_tensor(table: TensorTable, t: torch.Tensor) -> bool:
-    """True when the 0-d ``t`` lies in the memory of one of ``table``'s tensors."""
-    address = t.data_ptr()
+    """True when the 0-d ``t``'s bytes overlap the memory of one of ``table``'s tensors."""
+    start = t.data_ptr()
+    stop = start + t.element_size()
     ends = table.addrs + table.lengths * ITEMSIZE[table.codes]
-    return bool(((table.addrs <= address) & (address < ends)).any())
+    return bool(((table.addrs < stop) & (start < ends)).any())
 
 
 def fused_clip_with_norm_(table: TensorTable, max_norm: float, total_norm: torch.Tensor) -> bool:

@@ -20,7 +20,7 @@ formula applied parameter after parameter does. Other devices run the same formu
 On CUDA each call uploads its table from pinned memory on torch's current stream, as
 ``clip_grad_norm_`` does, so that a call can be captured in a CUDA graph (after one eager call
 has compiled and loaded the kernels). DTensor parameters are clipped on their local shards, with
-one all-reduce per mesh for units split across ranks (``_agc_split``).
+all-reduces over the mesh dimensions that split units across ranks (``_agc_split``).
 """
 
 from __future__ import annotations
@@ -88,6 +88,10 @@ def _check_dtensor_pair(p: torch.Tensor, g: torch.Tensor, i: int, dtensor) -> No
         raise ValueError(f"{_FN}: the grad at index {i} of `parameters` is a DTensor with a Partial "
                          f"placement {tuple(g.placements)}: its values are unreduced sums, whose "
                          "norms mean nothing. Redistribute it first.")
+    for pl in g.placements:
+        if not (pl.is_replicate() or _distributed._splits(pl)):
+            raise ValueError(f"{_FN}: the grad at index {i} of `parameters` has placement {pl!r}, "
+                             "which fastclip does not know how to clip")
 
 
 def _pairs(parameters: list) -> tuple[list, list]:
@@ -285,8 +289,8 @@ def adaptive_grad_clip_(
 
     One fused kernel call covers all tensors (on the CPU and on CUDA); every argument is
     checked first, so a call that raises changes no grad. DTensor parameters (FSDP2, tensor
-    parallel) are clipped as the unsharded model would be: on their local shards, with one
-    all-reduce per mesh for units that a placement splits across ranks (every rank must then make
+    parallel) are clipped as the unsharded model would be: on their local shards, with
+    all-reduces over the mesh dimensions that split units across ranks (every rank must then make
     the call, with the same parameters).
 
     Args:

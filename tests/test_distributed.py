@@ -550,6 +550,7 @@ def check_agc_dtensor(rank, world):
     shards; on a 1-D and a 2x2 mesh); Partial grads are refused before anything is written."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
 
     mesh1 = init_device_mesh("cpu", (world,))
     mesh2 = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
@@ -560,6 +561,8 @@ def check_agc_dtensor(rank, world):
              ((3,), mesh1, [Shard(0)], True),  # fewer elements than ranks: an empty shard
              ((10, 8), mesh2, [Shard(0), Shard(1)], True), ((10,), mesh2, [Replicate(), Shard(0)], True),
              ((6, 4), mesh2, [Shard(0), Replicate()], False),
+             # FSDP2 over tensor parallel: a column-parallel weight's rows stay whole
+             ((8, 6), mesh2, [_StridedShard(0, split_factor=2), Shard(0)], False),
              ((7, 9), mesh1, [Shard(1)], True), ((11,), mesh1, [Shard(0)], True)]  # bf16 below
     dtypes = [torch.float32] * (len(specs) - 2) + [torch.bfloat16] * 2
     full_w = [torch.randn(s, generator=gen).to(dt) for (s, *_), dt in zip(specs, dtypes)]
@@ -582,6 +585,16 @@ def check_agc_dtensor(rank, world):
             assert not torch.equal(got, g0), f"{shape} {pl} was not clipped"  # negative control
         else:
             assert_bitwise_equal(got, ref.grad)
+    # A split grad listed twice is clipped twice, the second time from the first's result.
+    w, g = full_w[5].clone(), full_g[5].clone()
+    twice = torch.nn.Parameter(w.clone())
+    twice.grad = g.clone()
+    fastclip.adaptive_grad_clip_([twice, twice], clipping=0.05)
+    prm = torch.nn.Parameter(distribute_tensor(w, mesh1, [Shard(0)]))
+    prm.grad = distribute_tensor(g, mesh1, [Shard(0)])
+    fastclip.adaptive_grad_clip_([prm, prm], clipping=0.05)
+    torch.testing.assert_close(prm.grad.full_tensor(), twice.grad, rtol=2.4e-7, atol=0)
+
     # Negative control: the row-parallel weight's shards clipped alone, each by its own partial
     # row norms, are not AGC on the model.
     alone = []
