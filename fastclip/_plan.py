@@ -120,6 +120,7 @@ class Plan:
                 if backend is None:
                     return None
                 table = TensorTable.from_tensors(tensors, dtype)
+                table.fn, table.arg = fn, arg
                 return cls([DeviceSet(device, backend, table, list(range(len(tensors))))],
                            len(tensors), device, result_dtype([dtype]))
             devices = list(map(_DEVICE, tensors))
@@ -138,6 +139,7 @@ class Plan:
                     return None
                 table = TensorTable.from_tensors([tensors[i] for i in indices],
                                                  [dtypes[i] for i in indices])
+                table.fn, table.arg, table.positions = fn, arg, indices
                 sets.append(DeviceSet(device, backend, table, indices))
         except (AttributeError, RuntimeError, NotImplementedError, TypeError):
             V.check_tensors(tensors, fn, arg)  # raises the precise error

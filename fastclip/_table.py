@@ -9,7 +9,7 @@ as it can, one attribute per list comprehension (~0.1 us per tensor and attribut
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -66,6 +66,10 @@ class TensorTable:
     # Chunk tables by backend key, so that the norm pass and the scale pass of one call
     # split the work once.
     chunk_cache: dict = field(default_factory=dict)
+    # For messages: the public function, its argument, and each tensor's index in that argument.
+    fn: str = "fastclip"
+    arg: str = "parameters"
+    positions: Optional[list] = None
 
     @property
     def numel(self) -> int:
@@ -133,10 +137,12 @@ class TensorTable:
         for i in self.strided:
             t = self.tensors[i]
             if any(s == 0 and n > 1 for s, n in zip(t.stride(), t.shape)):
+                index = i if self.positions is None else self.positions[i]
                 raise RuntimeError(
-                    f"gradient {i} of this device is an expanded view (stride {tuple(t.stride())}): "
-                    "several of its elements share one memory location, so it cannot be written in "
-                    "place. Give it its own memory first (p.grad = p.grad.clone()).")
+                    f"{self.fn}: grad {index} of `{self.arg}` (counting only the tensors that have "
+                    f"one) is an expanded view (stride {tuple(t.stride())}): several of its "
+                    "elements share one memory location, so it cannot be written in place. Give it "
+                    "its own memory first (p.grad = p.grad.clone()).")
 
     def overlapping(self, skip=()) -> np.ndarray:
         """Indices of the tensors written through the table (all but the strided ones and

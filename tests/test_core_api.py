@@ -425,8 +425,15 @@ def test_expanded_grad_is_refused_when_nothing_needs_clipping(call):
     args = (1e9,) if call == "clip_grad_norm_" else (1e9, torch.tensor(1.0))
     with pytest.raises(RuntimeError, match="memory location"):
         torch_call(params, *args)
-    with pytest.raises(RuntimeError, match="memory location"):
+    with pytest.raises(RuntimeError, match=rf"^{call}: grad 1 of `parameters` .* expanded view"):
         ours(params, *args)
+    # The index counts the parameters that have a grad, in the caller's order across devices.
+    without = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(RuntimeError, match=r"grad 1 of `parameters`"):
+        ours([without] + params, *args)
+    mixed = [param_with_grad(random_grad((5,), torch.float64)), without, params[1]]  # per-device path
+    with pytest.raises(RuntimeError, match=r"grad 1 of `parameters`"):
+        ours(mixed, *args)
 
 
 # --- clip_grad_value_ -----------------------------------------------------------------------------
