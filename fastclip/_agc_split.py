@@ -37,11 +37,9 @@ def _unit_sums(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t, 2, dtype=torch.float64).square().reshape(1)
 
 
-def unit_factors(w_sq: torch.Tensor, g_sq: torch.Tensor, clipping: float, eps: float) -> torch.Tensor:
-    """``kernels.agc.unit_coef`` in float64 torch ops, for a tensor of units."""
-    w_norm, g_norm = w_sq.sqrt(), g_sq.sqrt()
-    floor = torch.where((w_norm >= eps) | w_norm.isnan(), w_norm, torch.full_like(w_norm, eps))
-    max_norm = clipping * floor
+def unit_factors(w_norm: torch.Tensor, g_norm: torch.Tensor, clipping: float, eps: float) -> torch.Tensor:
+    """``kernels.agc.unit_coef`` in torch ops, from the units' weight and grad norms."""
+    max_norm = torch.maximum(w_norm, torch.full_like(w_norm, eps)) * clipping  # NaN wins
     return torch.where(g_norm > max_norm, max_norm / g_norm.clamp(min=GRAD_NORM_FLOOR),
                        torch.ones_like(g_norm))
 
@@ -85,7 +83,7 @@ def _clip_round_(pairs: list, clipping: float, eps: float) -> None:
             n = g.shape[0] if g.dim() >= 2 else 1
             w_sq, g_sq = flat[offset:offset + n], flat[offset + n:offset + 2 * n]
             offset += 2 * n
-            coef = unit_factors(w_sq, g_sq, clipping, eps)
+            coef = unit_factors(w_sq.sqrt(), g_sq.sqrt(), clipping, eps)
             coef = coef.to(torch.float64 if g.dtype == torch.float64 else torch.float32)
             # One factor per row, broadcast; never a 0-d operand (torch's CUDA mul_ would round
             # a 0-d float32 factor to a 16-bit grad's dtype): float32 arithmetic, one rounding.

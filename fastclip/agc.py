@@ -36,7 +36,7 @@ from fastclip._compile import entry_point
 from fastclip import _cpu
 from fastclip import _distributed
 from fastclip import _validate as V
-from fastclip._agc_split import clip_split_, splits_units
+from fastclip._agc_split import clip_split_, splits_units, unit_factors
 from fastclip._table import DTYPE_CODES, is_dense, mark_written
 from fastclip.kernels import agc as K
 
@@ -266,9 +266,7 @@ def _run_torch(pairs, clipping: float, eps: float) -> None:
         dims = tuple(range(1, g.dim())) if g.dim() >= 2 else None
         w_norm = torch.linalg.vector_norm(w, dim=dims, keepdim=dims is not None, dtype=acc)
         g_norm = torch.linalg.vector_norm(g, dim=dims, keepdim=dims is not None, dtype=acc)
-        max_norm = torch.maximum(w_norm, torch.full_like(w_norm, eps)) * clipping  # NaN wins
-        coef = torch.where(g_norm > max_norm, max_norm / g_norm.clamp(min=K.GRAD_NORM_FLOOR),
-                           torch.ones_like(g_norm))
+        coef = unit_factors(w_norm, g_norm, clipping, eps)
         g.mul_(coef.to(torch.float64 if g.dtype == torch.float64 else torch.float32))
 
 
