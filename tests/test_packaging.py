@@ -1,0 +1,75 @@
+"""The built wheel: every module of ``fastclip/`` and ``kernels/`` (as ``fastclip.kernels``), the
+``py.typed`` marker, the ``fastclip-bench`` script's module, and no top-level ``kernels``.
+
+CI installs the project in editable mode, which finds modules in the source tree whatever the
+package list says; only a built wheel shows what a ``pip install fastclip`` user gets.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _modules(folder: Path, prefix: str) -> set[str]:
+    return {f"{prefix}/{p.relative_to(folder).as_posix()}" for p in folder.rglob("*.py")
+            if "__pycache__" not in p.parts}
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    # Built from a copy of what the build reads: setuptools packs ROOT/build/lib, where an older
+    # build may have left modules that the package list no longer names.
+    source = tmp_path_factory.mktemp("source")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
+    for folder in ("fastclip", "kernels"):
+        shutil.copytree(ROOT / folder, source / folder,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "--no-cache-dir", str(source), "-w", str(out)], check=True, timeout=300)
+    (path,) = out.glob("fastclip-*.whl")
+    return path
+
+
+def test_wheel_holds_every_module_under_fastclip(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = (_modules(ROOT / "fastclip", "fastclip") | _modules(ROOT / "kernels", "fastclip/kernels")
+                | {"fastclip/py.typed"})
+    assert "fastclip/bench/cli.py" in expected and "fastclip/kernels/cpu.py" in expected
+    assert sorted(expected - names) == []
+    assert not [n for n in names if n.startswith("kernels/")], "a top-level kernels module"
+    dist_info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/RECORD"))
+    top_level = zipfile.ZipFile(wheel).read(f"{dist_info}/top_level.txt").decode().split()
+    assert top_level == ["fastclip"]
+    scripts = zipfile.ZipFile(wheel).read(f"{dist_info}/entry_points.txt").decode()
+    assert "fastclip-bench = fastclip.bench:main" in scripts
+
+
+def test_installed_wheel_imports_and_runs_the_bench_cli(wheel, tmp_path):
+    # A wheel of pure Python installs by unpacking; the unpacked copy comes first on the path,
+    # and the editable install's finder (which would supply any module the wheel lacks from the
+    # source tree) is taken out.
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path "
+            "if not getattr(f, '__module__', '').startswith('__editable__')]; "
+            "import fastclip, fastclip.kernels, fastclip.bench; print(fastclip.__file__); "
+            "print(fastclip.kernels.__file__); fastclip.bench.main(['--help'])")
+    env = {**os.environ, "PYTHONPATH": str(site), "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    package, kernels = run.stdout.splitlines()[:2]
+    assert package == str(site / "fastclip" / "__init__.py")
+    assert kernels == str(site / "fastclip" / "kernels" / "__init__.py")
+    assert "--preset" in run.stdout
