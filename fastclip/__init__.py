@@ -18,7 +18,7 @@ from fastclip.stats import ClipStats
 from fastclip.step import clip_and_step
 from fastclip.agc import adaptive_grad_clip_
 from fastclip.clipper import GradClipper
-from fastclip.policies import AutoClip, ZClip
+from fastclip.policies import AutoClip, ClipPolicy, ZClip
 from fastclip.warmup import warmup
 
 __version__ = "0.1.0"
@@ -37,6 +37,7 @@ __all__ = [
     "GradClipper",
     "AutoClip",
     "ZClip",
+    "ClipPolicy",
     "adaptive_grad_clip_",
     "warmup",
 ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union, cast
 
 import torch
 import torch.nn.utils.clip_grad as _torch_clip
@@ -22,7 +22,7 @@ from fastclip import _validate as V
 from fastclip._plan import Plan
 from fastclip._table import is_dense
 from fastclip.clip_grad import clip_coefficient
-from fastclip.policies import AutoClip, ClipPolicy, ZClip, policy_from_config
+from fastclip.policies import BUILT_IN, AutoClip, ClipPolicy, ZClip, policy_from_config
 
 NONFINITE_MODES = ("propagate", "error", "skip", "zero")
 _STATE_VERSION = 1
@@ -45,7 +45,8 @@ class GradClipper:
             is ZClip's threshold during its warmup, like the reference implementation's
             ``max_grad_norm``); ``None`` means no cap.
         norm_type: p of the p-norm (> 0, or ``inf``/``'inf'``).
-        policy: None for a fixed threshold, ``fastclip.AutoClip(...)`` or ``fastclip.ZClip(...)``.
+        policy: None for a fixed threshold, ``fastclip.AutoClip(...)``, ``fastclip.ZClip(...)``,
+            or a ``fastclip.ClipPolicy`` subclass of your own.
         nonfinite: what to do when the norm is inf or NaN:
 
             - ``"propagate"``: torch's behaviour (the grads are scaled by the non-finite
@@ -89,6 +90,11 @@ class GradClipper:
         3
     """
 
+    skipped: torch.Tensor  # these three: see Attributes, above
+    found_nonfinite: torch.Tensor
+    threshold: torch.Tensor
+    window: int
+
     def __init__(
         self,
         parameters: Union[torch.Tensor, Iterable[torch.Tensor]],
@@ -115,8 +121,9 @@ class GradClipper:
         if policy is not None and not isinstance(policy, ClipPolicy):
             hint = " (pass a fixed threshold as `max_norm`)" if isinstance(policy, numbers.Real) \
                 else ""
-            raise TypeError(f"{fn}: `policy` must be None, fastclip.AutoClip(...) or "
-                            f"fastclip.ZClip(...), got {V._describe(policy)}{hint}")
+            raise TypeError(f"{fn}: `policy` must be None, fastclip.AutoClip(...), "
+                            f"fastclip.ZClip(...) or a fastclip.ClipPolicy of your own, got "
+                            f"{V._describe(policy)}{hint}")
         if policy is None and max_norm is None:
             raise ValueError(f"{fn}: `max_norm` is the fixed threshold when `policy` is None, "
                              "so it must be a number (inf: never clip), got None")
@@ -164,7 +171,7 @@ class GradClipper:
                 "so it cannot be clipped (nonfinite='error'); no gradient was changed")
 
         state = self._ensure_state(norm.device)
-        max_norm, threshold = self._threshold(norm, finite)
+        max_norm, threshold = self._threshold(norm, finite, state)
         coef = clip_coefficient(max_norm, norm) if isinstance(max_norm, float) else \
             _coefficient(max_norm, norm)
         if self.nonfinite in ("skip", "zero"):
@@ -192,7 +199,7 @@ class GradClipper:
         self.threshold = threshold
         return norm
 
-    def _threshold(self, norm: torch.Tensor, finite: torch.Tensor):
+    def _threshold(self, norm: torch.Tensor, finite: torch.Tensor, state: dict[str, torch.Tensor]):
         """``(max_norm, threshold)``: what the coefficient is computed from, and it as a tensor.
 
         A fixed threshold stays a Python float, so the coefficient is bit for bit the one of
@@ -200,7 +207,7 @@ class GradClipper:
         """
         cap = self.max_norm
         if self.policy is None:
-            fixed = self._state["fixed"]  # float64: max_norm exactly
+            fixed = state["fixed"]  # float64: max_norm exactly
             if fixed.dtype != norm.dtype:
                 # Converted once per dtype, always from the float64 original (a conversion of a
                 # conversion would report float32's rounding of max_norm in a float64 step).
@@ -209,7 +216,8 @@ class GradClipper:
                     cached = self._fixed_as[norm.dtype] = fixed.to(norm.dtype)
                 fixed = cached
             return cap, fixed
-        value = self.policy.threshold(self._policy_state, self._state["step"],
+        policy_state = cast(dict, self._policy_state)  # made with the state (_ensure_state)
+        value = self.policy.threshold(policy_state, state["step"],
                                       norm.to(torch.float64), finite)
         value = torch.where(value.isnan(), cap, torch.clamp(value, max=cap)).to(norm.dtype)
         return value, value
@@ -310,7 +318,8 @@ class GradClipper:
             raise ValueError(f"{fn}: `state_dict` is not a GradClipper state (version "
                              f"{_STATE_VERSION}), got {V._describe(state_dict)}")
         saved = dict(state_dict["config"])
-        if saved.get("policy") is not None:
+        if saved.get("policy") is not None and saved["policy"].get("name") in BUILT_IN:
+            # Rebuilt, so that a checkpoint saved before a new argument gets its default.
             saved["policy"] = policy_from_config(saved["policy"]).config()
         mine = self._config()
         if saved != mine:

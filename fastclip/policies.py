@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 
 import torch
 
@@ -42,7 +42,12 @@ def _check_count(value: object, owner: str, arg: str) -> int:
 
 
 class ClipPolicy:
-    """Base class of adaptive thresholds (see ``AutoClip`` and ``ZClip``)."""
+    """Base class of adaptive thresholds (see ``AutoClip`` and ``ZClip``).
+
+    A policy of your own implements ``init_state`` and ``threshold``. Make it a frozen dataclass
+    (as ``AutoClip`` and ``ZClip`` are), or override ``config``, so that a checkpoint records its
+    arguments and ``GradClipper.load_state_dict`` can tell a clipper with other arguments apart.
+    """
 
     def init_state(self, device: torch.device) -> dict[str, torch.Tensor]:
         """Fresh running state, as tensors on ``device``."""
@@ -62,8 +67,9 @@ class ClipPolicy:
         raise NotImplementedError
 
     def config(self) -> dict:
-        """The policy's arguments, for checkpoints."""
-        return {"name": type(self).__name__, **asdict(self)}
+        """The policy's class name and arguments (a dataclass's fields), for checkpoints."""
+        fields: dict = asdict(self) if is_dataclass(self) else {}
+        return {"name": type(self).__name__, **fields}
 
 
 @dataclass(frozen=True)
@@ -201,11 +207,13 @@ class ZClip(ClipPolicy):
         return torch.where(spike, adaptive, torch.inf)
 
 
+BUILT_IN = {"AutoClip": AutoClip, "ZClip": ZClip}
+
+
 def policy_from_config(config: dict) -> ClipPolicy:
-    """Rebuild a policy from ``ClipPolicy.config()``."""
-    kinds = {"AutoClip": AutoClip, "ZClip": ZClip}
+    """Rebuild a built-in policy from ``ClipPolicy.config()``."""
     args = dict(config)
-    kind = kinds.get(args.pop("name", None))
+    kind = BUILT_IN.get(args.pop("name", None))
     if kind is None:
         raise ValueError(f"unknown clipping policy in checkpoint: {config!r}")
     return kind(**args)

@@ -5,6 +5,7 @@ from a checkpoint bit for bit."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import math
 
@@ -542,12 +543,57 @@ def test_load_state_dict_rejects_other_configurations():
     GradClipper(make_params()).load_state_dict(unstarted.state_dict())  # before any step, too
 
 
+@dataclasses.dataclass(frozen=True)
+class _Fraction(ClipPolicy):
+    """A policy of a user's own: a fraction of the running maximum of the norms."""
+
+    fraction: float = 0.5
+
+    def init_state(self, device):
+        return {"peak": torch.zeros((), dtype=torch.float64, device=device)}
+
+    def threshold(self, state, step, norm, finite):
+        state["peak"].copy_(torch.where(finite, torch.maximum(state["peak"], norm), state["peak"]))
+        return state["peak"] * self.fraction
+
+
+class _PlainFraction(ClipPolicy):  # not a dataclass
+    def init_state(self, device):
+        return _Fraction().init_state(device)
+
+    def threshold(self, state, step, norm, finite):
+        return _Fraction().threshold(state, step, norm, finite)
+
+
+@pytest.mark.parametrize("policy_class", [_Fraction, _PlainFraction], ids=["dataclass", "plain"])
+def test_checkpoint_of_a_policy_of_ones_own(policy_class):
+    params = make_params()
+    clipper = GradClipper(params, max_norm=50.0, policy=policy_class())
+    for step in range(4):
+        set_grads(params, grads_at(step))
+        clipper.step()
+    state = clipper.state_dict()
+    assert state["config"]["policy"]["name"] == policy_class.__name__
+    resumed = GradClipper(make_params(), max_norm=50.0, policy=policy_class())
+    resumed.load_state_dict(state)
+    assert resumed.steps == 4
+    assert_bitwise_equal(resumed._policy_state["peak"], clipper._policy_state["peak"])
+    with pytest.raises(ValueError, match="configured differently"):  # another class
+        GradClipper(make_params(), max_norm=50.0, policy=ZClip()).load_state_dict(state)
+    if policy_class is _Fraction:  # a dataclass's fields are checked too
+        assert state["config"]["policy"] == {"name": "_Fraction", "fraction": 0.5}
+        with pytest.raises(ValueError, match="configured differently"):
+            GradClipper(make_params(), max_norm=50.0,
+                        policy=_Fraction(fraction=0.25)).load_state_dict(state)
+
+
 # --- arguments ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("kwargs, error, words", [
-    (dict(policy=0.5), TypeError, "`policy` must be None, fastclip.AutoClip(...) or fastclip.ZClip(...), "
-                                  "got 0.5 of type float (pass a fixed threshold as `max_norm`)"),
+    (dict(policy=0.5), TypeError, "`policy` must be None, fastclip.AutoClip(...), fastclip.ZClip(...) "
+                                  "or a fastclip.ClipPolicy of your own, got 0.5 of type float (pass a "
+                                  "fixed threshold as `max_norm`)"),
     (dict(policy="zclip"), TypeError, "`policy`"),
     (dict(nonfinite="ignore"), ValueError, "`nonfinite` must be one of 'propagate', 'error', 'skip', "
                                            "'zero', got 'ignore'"),
