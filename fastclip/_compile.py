@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import inspect
 import types
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar, cast
 
 import torch
 
@@ -49,9 +49,11 @@ def _disabled(fn: Callable, reason: str) -> Callable:
     return wrapper
 
 
-def _own_code(function: types.FunctionType, name: str, qualname: str) -> types.FunctionType:
-    """A copy of ``function`` whose code object is its own (see the module docstring)."""
-    changes = {"co_name": name}
+def _own_code(function: Callable, name: str, qualname: str) -> types.FunctionType:
+    """A copy of ``function`` (a plain function) whose code object is its own (see the module
+    docstring)."""
+    function = cast(types.FunctionType, function)
+    changes: dict[str, Any] = {"co_name": name}
     if hasattr(function.__code__, "co_qualname"):  # Python >= 3.11
         changes["co_qualname"] = qualname
     return types.FunctionType(function.__code__.replace(**changes), function.__globals__, name,

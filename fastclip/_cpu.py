@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Iterator, NamedTuple
+from typing import Iterator, NamedTuple, Union
 
 import numba
 import numpy as np
@@ -32,15 +32,18 @@ _pool_lock = threading.Lock()
 class PowerSums(NamedTuple):
     """Result of one read pass: sum of |x|**p (max |x| for inf), accumulated in float64.
 
+    Host values from this backend; 0-d and 1-d device tensors from backends whose results stay
+    on the device (``RESULTS_ON_HOST = False``, the CUDA one).
+
     Attributes:
         total: over all tensors.
-        per_tensor: one value per tensor, in the table's order.
+        per_tensor: one value per tensor, in the table's order (None when not asked for).
         nonfinite: number of inf/NaN elements.
     """
 
-    total: float
-    per_tensor: np.ndarray
-    nonfinite: int
+    total: Union[float, torch.Tensor]
+    per_tensor: Union[np.ndarray, torch.Tensor, None]
+    nonfinite: Union[int, torch.Tensor]
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ import ctypes
 import threading
 import warnings
 from collections import OrderedDict
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -126,9 +126,10 @@ def _capturing(device: torch.device) -> bool:
 def _relaxed_capture():
     """Let this thread make calls that stream capture forbids in its global mode (pinned
     allocation, module loading), as torch does for its own allocations during capture."""
-    cu = old = None
+    cu: Any = None
+    old = None
     try:
-        from cuda.bindings import driver as cu
+        from cuda.bindings import driver as cu  # type: ignore[no-redef]
 
         err, old = cu.cuThreadExchangeStreamCaptureMode(
             cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_RELAXED)

@@ -37,7 +37,7 @@ import math
 import struct
 import sys
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -103,7 +103,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     # `_local_tensor` is the shard itself (same storage); `to_local()` returns a view of it
     # through an autograd Function (~17 us per call).
     local = getattr(t, "_local_tensor", None)
-    return local if local is not None else t.to_local()
+    return local if local is not None else t.to_local()  # type: ignore[attr-defined]
 
 
 def local_shards(tensors: list, fn: str, linear: bool = True) -> list:
@@ -260,6 +260,8 @@ def _label_keys(specs: list, group: object, fn: str) -> tuple[np.ndarray, list]:
     bucket_groups: list = [[]]
     bucket_of_mesh: dict = {}
     labels = np.empty(len(specs), dtype=np.int64)
+    counted_dims: Sequence[int]
+    bucket: Optional[int]
     for k, (mesh, placements, _) in enumerate(specs):
         coord = mesh.get_coordinate()
         if group is not None:
@@ -371,8 +373,8 @@ def _bucket_totals(plan, results, labels: np.ndarray, n_buckets: int, p: float) 
             if len(sel) == 0:
                 continue
             if isinstance(per, np.ndarray):
-                vals = per[sel]
-                parts[b].append(float(vals.max()) if is_max else math.fsum(vals.tolist()))
+                host = per[sel]
+                parts[b].append(float(host.max()) if is_max else math.fsum(host.tolist()))
             elif isinstance(per, torch.Tensor):
                 vals = per.index_select(0, _device_index(sel, per.device))
                 parts[b].append(vals.amax() if is_max else vals.sum())

@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import Optional, Union
+from types import ModuleType
+from typing import Optional, Union, cast
 
 import torch
 
@@ -26,7 +27,7 @@ _DTYPE = operator.attrgetter("dtype")
 _GROUP = getattr(torch._C, "_group_tensors_by_device_and_dtype", None)
 
 
-def _backend_for(device: torch.device):
+def _backend_for(device: torch.device) -> Optional[ModuleType]:
     if device.type == "cpu":
         return _cpu
     if device.type == "cuda":
@@ -52,7 +53,7 @@ def _one_device_and_dtype(tensors: list) -> Optional[tuple[torch.device, torch.d
 @dataclass
 class DeviceSet:
     device: torch.device
-    backend: object
+    backend: ModuleType  # _cpu or _cuda: the functions of one backend, one module each
     table: TensorTable
     indices: list[int]  # positions of this set's tensors in the caller's list
 
@@ -205,7 +206,8 @@ class Plan:
                     s.backend.scale_(s.table, coef, self.dtype)
                 else:
                     s.backend.scale_(s.table, coef.item(), coef.dtype)
-            else:
+            else:  # a plan with a device backend is not host-only: its coefficient is a tensor
+                coef = cast(torch.Tensor, coef)
                 s.backend.scale_(s.table, coef.to(s.device, non_blocking=True))
 
     def clamp_(self, bound: float) -> None:

@@ -110,7 +110,7 @@ def _pairs(parameters: list) -> tuple[list, list]:
         is_split = False
         if dtensor is not None and (isinstance(p, dtensor) or isinstance(g, dtensor)):
             _check_dtensor_pair(p, g, i, dtensor)
-            is_split = any(splits_units(pl, g.dim()) for pl in g.placements)
+            is_split = any(splits_units(pl, g.dim()) for pl in g.placements)  # type: ignore[attr-defined]
             if is_split:
                 split.append((p, g))  # every rank joins its all-reduce, empty shard or not
             p, g = _distributed._local(p), _distributed._local(g)

@@ -13,7 +13,7 @@ back to the host: the scale, flags, norm and coefficient stay 0-d device tensors
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Optional, Union, cast
 
 import torch
 from torch.amp.grad_scaler import GradScaler, OptState
@@ -73,9 +73,14 @@ def check_no_fp16(grads: list, fn: str, plan: Optional[Plan] = None) -> None:
                              "run the forward pass under torch.autocast")
 
 
+def scale_of(scaler: GradScaler) -> torch.Tensor:
+    """The scaler's scale tensor, which the stage checks (``scaler_state``) found present."""
+    return cast(torch.Tensor, scaler._scale)
+
+
 def inv_scale_of(scaler: GradScaler) -> torch.Tensor:
     """``1/scale`` exactly as ``GradScaler.unscale_`` computes it (float64 reciprocal, float32)."""
-    return scaler._scale.double().reciprocal().float()
+    return scale_of(scaler).double().reciprocal().float()
 
 
 def nonfinite_flag(total, device: torch.device) -> torch.Tensor:

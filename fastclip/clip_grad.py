@@ -9,7 +9,7 @@ complex dtypes) go to torch's own implementation, captured at import so that
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -21,10 +21,12 @@ from fastclip import _validate as V
 from fastclip._plan import Plan
 from fastclip.stats import ClipStats
 
-TORCH_GET_TOTAL_NORM = _torch_clip._get_total_norm
-TORCH_CLIP_GRADS_WITH_NORM = _torch_clip._clip_grads_with_norm_
-TORCH_CLIP_GRAD_NORM = _torch_clip.clip_grad_norm_
-TORCH_CLIP_GRAD_VALUE = _torch_clip.clip_grad_value_
+# torch's own functions, captured at import (patch() cannot make them recurse). Typed loosely:
+# torch's hints say `float` where its code takes what fastclip passes on (a tensor max_norm).
+TORCH_GET_TOTAL_NORM: Callable[..., torch.Tensor] = _torch_clip._get_total_norm
+TORCH_CLIP_GRADS_WITH_NORM: Callable[..., None] = _torch_clip._clip_grads_with_norm_
+TORCH_CLIP_GRAD_NORM: Callable[..., torch.Tensor] = _torch_clip.clip_grad_norm_
+TORCH_CLIP_GRAD_VALUE: Callable[..., None] = _torch_clip.clip_grad_value_
 
 
 def _nonfinite_error(norm_type: float) -> RuntimeError:
@@ -54,7 +56,7 @@ def clip_coefficient(max_norm: Union[float, torch.Tensor], total_norm: torch.Ten
     return torch.clamp(inverse * max_norm, max=1.0)
 
 
-_HOST_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+_HOST_DTYPES: dict[torch.dtype, type[np.floating]] = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def host_clip_coefficient(max_norm: float, total_norm: float, dtype: torch.dtype) -> float:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Optional, Union
+from typing import Optional, Union, cast
 
 import torch
 from torch.amp.grad_scaler import GradScaler, OptState
@@ -22,7 +22,8 @@ from fastclip._compile import entry_point
 from fastclip import _validate as V
 from fastclip._plan import Plan
 from fastclip.amp import (check_no_fp16, check_optimizer, check_scaler, inv_scale_of, optimizer_params,
-                          plan_grads, scaled_pass, unscale_and_clip_planned, unscale_clip_grads_)
+                          plan_grads, scale_of, scaled_pass, unscale_and_clip_planned,
+                          unscale_clip_grads_)
 from fastclip.clip_grad import clip_coefficient, clip_grad_norm_
 
 _FN = "clip_and_step"
@@ -65,9 +66,9 @@ def _fused_step(optimizer: torch.optim.Optimizer, grad_scale: torch.Tensor,
     """``optimizer.step()`` with ``grad_scale``/``found_inf`` set for it, restored afterwards."""
     saved = {name: optimizer.__dict__[name] for name in _STEP_ATTRS if name in optimizer.__dict__}
     try:
-        optimizer.grad_scale = grad_scale
+        optimizer.grad_scale = grad_scale  # type: ignore[attr-defined]  # read by fused steps
         if found_inf is not None:
-            optimizer.found_inf = found_inf
+            optimizer.found_inf = found_inf  # type: ignore[attr-defined]
         optimizer.step()
     finally:
         for name in _STEP_ATTRS:
@@ -150,7 +151,7 @@ def clip_and_step(
     fused = reads_grad_scale(optimizer)
     if fused:
         _check_free(optimizer)
-    state = _scaler_stage_check(scaler, optimizer) if scaler is not None else None
+    state = _scaler_stage_check(scaler, optimizer) if scaler is not None else {}
     params = optimizer_params(optimizer)
     grads, group, plan = plan_grads(params, _FN)
 
@@ -185,8 +186,10 @@ def clip_and_step(
         norm = plan.total_norm(p, group=group)
         coef = clip_coefficient(max_norm, norm)
         grad_scale = _divisor(plan, coef, lambda: plan.scale_(coef))
-    device = scaler._scale.device
-    found_inf = sum(f.to(device, non_blocking=True) for f in state["found_inf_per_device"].values())
+    device = scale_of(scaler).device
+    # As GradScaler's own fused path adds them (never empty: plan holds grads).
+    found_inf = cast(torch.Tensor, sum(f.to(device, non_blocking=True)
+                                       for f in state["found_inf_per_device"].values()))
     _fused_step(optimizer, grad_scale.to(device, non_blocking=True), found_inf)
     state["stage"] = OptState.STEPPED
     return norm

@@ -46,8 +46,8 @@ class AgcChunks(NamedTuple):
         row0, row1: the chunk's rows are ``row0:row1`` (one row for a piece).
         start, stop: the elements ``start:stop`` of each of those rows (the whole row,
             ``0:row_len``, unless the chunk is a piece).
-        first, count: a piece's row is made of chunks ``first:first + count``; a chunk of whole
-            rows has ``first == itself`` and ``count == 1``.
+        first, n_pieces: a piece's row is made of chunks ``first:first + n_pieces``; a chunk of
+            whole rows has ``first == itself`` and ``n_pieces == 1``.
         group_bounds: balanced groups of all chunks (the first pass).
         pieces: indices of the piece chunks (the second pass; empty when no row is split).
         piece_bounds: balanced groups of ``pieces``.
@@ -59,7 +59,7 @@ class AgcChunks(NamedTuple):
     start: np.ndarray
     stop: np.ndarray
     first: np.ndarray
-    count: np.ndarray
+    n_pieces: np.ndarray
     group_bounds: np.ndarray
     pieces: np.ndarray
     piece_bounds: np.ndarray
@@ -319,11 +319,11 @@ def adaptive_clip(waddrs, gaddrs, codes, n_rows, row_len, clipping, eps,
     piece_g = np.zeros(chunks.n_chunks, dtype=np.float64)
     rows = agc_rows_parallel if parallel else agc_rows_serial
     rows(waddrs, gaddrs, codes, row_len, row_base, chunks.tensor, chunks.row0, chunks.row1,
-         chunks.start, chunks.stop, chunks.count, chunks.group_bounds, float(clipping), float(eps),
+         chunks.start, chunks.stop, chunks.n_pieces, chunks.group_bounds, float(clipping), float(eps),
          w_sq, g_sq, piece_w, piece_g)
     if chunks.pieces.shape[0]:
         finish = agc_pieces_parallel if parallel else agc_pieces_serial
         finish(gaddrs, codes, row_len, row_base, chunks.tensor, chunks.row0, chunks.start,
-               chunks.stop, chunks.first, chunks.count, chunks.pieces, chunks.piece_bounds,
+               chunks.stop, chunks.first, chunks.n_pieces, chunks.pieces, chunks.piece_bounds,
                float(clipping), float(eps), w_sq, g_sq, piece_w, piece_g)
     return w_sq, g_sq

@@ -308,7 +308,7 @@ def run_agc(waddrs, gaddrs, codes, n_rows, row_len, clipping, eps, to_device, ze
         np.asarray(waddrs, dtype=np.int64), np.asarray(gaddrs, dtype=np.int64),
         np.asarray(codes, dtype=np.int64), row_len, np.cumsum(n_rows) - n_rows, lanes_for(row_len),
         chunks.tensor, chunks.row0, chunks.row1, chunks.start, chunks.stop, chunks.first,
-        chunks.count, chunks.pieces])
+        chunks.n_pieces, chunks.pieces])
     d_meta = to_device(meta)
     args = (d_meta, out, n, nc, rows, float(clipping), float(eps))
     agc_rows[nc, BLOCK, stream](*args)

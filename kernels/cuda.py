@@ -243,8 +243,8 @@ else:
     # inline="always": inlined in numba IR, so compile_ptx needs no GPU to type the helpers.
     # Float64 multiply and add rounded on their own (mul.rn, add.rn): ptxas may otherwise fuse a
     # multiply with the add that follows into one FMA, where torch (separate kernels) rounds twice.
-    from numba.cuda.libdevice import dadd_rn as add_rn
-    from numba.cuda.libdevice import dmul_rn as mul_rn
+    from numba.cuda.libdevice import dadd_rn as add_rn  # type: ignore[no-redef]
+    from numba.cuda.libdevice import dmul_rn as mul_rn  # type: ignore[no-redef]
 
     def _ld_cg(result, asm):
         @intrinsic

@@ -62,7 +62,7 @@ def njit(**options):
     def wrap(py_func):
         dispatcher = decorate(py_func)
         cache = getattr(dispatcher, "_cache", None)
-        if options.get("cache") and all(
+        if options.get("cache") and cache is not None and all(
             hasattr(cache, name)
             for name in ("load_overload", "_enabled", "_index_key", "_cache_file", "_impl")
         ):

@@ -186,12 +186,12 @@ def test_chunk_table_covers_every_element_once():
         t = c.tensor[i]
         for r in range(c.row0[i], c.row1[i]):
             seen[t][r * row_len[t] + c.start[i]: r * row_len[t] + c.stop[i]] += 1
-        if c.count[i] > 1:  # a piece: its siblings are the `count` chunks from `first`
-            sib = range(c.first[i], c.first[i] + c.count[i])
+        if c.n_pieces[i] > 1:  # a piece: its siblings are the `n_pieces` chunks from `first`
+            sib = range(c.first[i], c.first[i] + c.n_pieces[i])
             assert all(c.tensor[j] == t and c.row0[j] == c.row0[i] for j in sib)
     assert all((v == 1).all() for v in seen.values())
     assert c.group_bounds[0] == 0 and c.group_bounds[-1] == c.n_chunks
-    assert sorted(c.pieces.tolist()) == [i for i in range(c.n_chunks) if c.count[i] > 1]
+    assert sorted(c.pieces.tolist()) == [i for i in range(c.n_chunks) if c.n_pieces[i] > 1]
 
 
 def test_eps_floor_nan_and_inf_units():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -37,7 +37,7 @@ class GradSet:
     grads: list[torch.Tensor]
     saved: list[torch.Tensor]
     reference_norm: float = field(default=math.nan)
-    _copy: object = field(default=None, init=False, repr=False)
+    _copy: Optional[Callable[[], None]] = field(default=None, init=False, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -131,11 +131,11 @@ def reference_norm(grads: Sequence[torch.Tensor]) -> float:
     return math.sqrt(math.fsum(parts))
 
 
-def _finish(name: str, params: list[torch.Tensor], seed: int) -> GradSet:
-    grads = [p.grad for p in params]
+def _finish(name: str, params: Sequence[torch.Tensor], seed: int) -> GradSet:
+    grads = [p.grad for p in params if p.grad is not None]  # the callers gave each one a grad
     fill_(grads, seed)
     saved = [g.clone() for g in grads]
-    gs = GradSet(name, params, grads, saved)
+    gs = GradSet(name, list(params), grads, saved)
     gs.reference_norm = reference_norm(grads)
     return gs
 

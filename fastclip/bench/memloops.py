@@ -11,6 +11,8 @@ and the copy is ``torch._foreach_copy_``.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 from numba import njit, prange, types
@@ -163,7 +165,7 @@ def read_loop(tensors: list[torch.Tensor]):
     return (lambda: flat.sum()), nbytes
 
 
-def copy_loop(dst: list[torch.Tensor], src: list[torch.Tensor]):
+def copy_loop(dst: list[torch.Tensor], src: list[torch.Tensor]) -> Callable[[], None]:
     """A callable that copies ``src`` into ``dst`` tensor by tensor (same sizes, same device)."""
     if dst[0].device.type == "cpu":
         return CopyLoop(dst, src)

@@ -45,7 +45,7 @@ def machine() -> dict:
     return info
 
 
-def _fmt(x: float, spec: str, blank: str = "") -> str:
+def _fmt(x: Optional[float], spec: str, blank: str = "") -> str:
     return blank if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 

@@ -12,7 +12,7 @@ import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, cast
 
 import torch
 
@@ -176,9 +176,10 @@ def operation(case: C.Case, gs: GradSet) -> Operation:
     method = C.METHODS[case.method]
     if case.kind == "norm-pass":
         return Operation(lambda: method.norm(gs.grads), gs.restore, n, method.label)
-    max_norm = C.STEPS[case.step].max_norm(gs.reference_norm)
+    step = cast(str, case.step)  # a "step" case names its step
+    max_norm = C.STEPS[step].max_norm(gs.reference_norm)
     return Operation(lambda: method.clip(gs.params, max_norm), gs.restore,
-                     BYTES_PER_GRAD_BYTE[case.step] * n, method.label)
+                     BYTES_PER_GRAD_BYTE[step] * n, method.label)
 
 
 def _backend_name(device: torch.device) -> str:
@@ -245,9 +246,9 @@ def run_set(gs: GradSet, steps: Sequence[str], methods: Sequence[str], repeat: i
         times, result = time_calls(op.fn, op.before, gs.sync, repeat, warmup, progress)
         norm = None
         if case.kind in ("step", "norm-pass"):
-            norm = float(result)
+            norm = float(cast(torch.Tensor, result))
             check = check_norm(case.method, case.step or case.kind, norm, gs)
-            if case.kind == "step":  # the grads still hold the last call's output
+            if case.step is not None:  # a step: the grads still hold the last call's output
                 check.scale_error = scale_error(gs, C.STEPS[case.step].max_norm(gs.reference_norm), norm)
             checks.append(check)
         rows.append(Row(case.kind, case.method, op.label, case.step, times, op.bytes_counted, norm))
