@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -48,7 +49,9 @@ def reference_norm(local_grads: list[torch.Tensor], group=None) -> float:
 
 
 def say(rank: int, text: str) -> None:
-    print(f"[rank {rank}] {text}", flush=True)
+    # One write per line: the ranks share the terminal, and print() writes the newline apart.
+    sys.stdout.write(f"[rank {rank}] {text}\n")
+    sys.stdout.flush()
 
 
 def data_parallel(rank: int, device: torch.device) -> None:
