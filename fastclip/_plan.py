@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Optional, Union, cast
@@ -33,10 +34,21 @@ def _backend_for(device: torch.device) -> Optional[ModuleType]:
     if device.type == "cuda":
         try:
             from fastclip import _cuda
-        except ImportError:  # numba-cuda is not installed: torch does the work
+        except ImportError as exc:  # numba-cuda is not installed: torch does the work
+            _warn_once("no_numba_cuda", f"fastclip: {exc}; CUDA gradients are clipped by torch's "
+                                        "implementation")
             return None
         return _cuda if _cuda.is_available() else None
     return None
+
+
+_warned: set = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def _one_device_and_dtype(tensors: list) -> Optional[tuple[torch.device, torch.dtype]]:

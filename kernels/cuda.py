@@ -31,7 +31,16 @@ import math
 import threading
 
 import numpy as np
-from numba import cuda
+
+try:
+    import numba_cuda  # noqa: F401  (the package; numba.cuda is redirected to it)
+except ImportError as exc:
+    # numba's own CUDA target (numba.cuda without the numba-cuda package; deprecated since numba
+    # 0.61) has other modules (its numba.cuda.types lacks the scalar types these kernels use).
+    raise ImportError("fastclip's CUDA kernels need the numba-cuda package (pip install "
+                      "'fastclip[cuda]'); numba's built-in CUDA target is not supported") from exc
+
+from numba import cuda  # noqa: E402
 
 from .layout import FLOAT16, FLOAT32, FLOAT64, NORM_INF, NORM_L1, NORM_L2, NORM_POWER
 
