@@ -37,8 +37,9 @@ try:
 except ImportError as exc:
     # numba's own CUDA target (numba.cuda without the numba-cuda package; deprecated since numba
     # 0.61) has other modules (its numba.cuda.types lacks the scalar types these kernels use).
-    raise ImportError("fastclip's CUDA kernels need the numba-cuda package (pip install "
-                      "'fastclip[cuda]'); numba's built-in CUDA target is not supported") from exc
+    raise ModuleNotFoundError("fastclip's CUDA kernels need the numba-cuda package (pip install "
+                              "'fastclip[cuda]'); numba's built-in CUDA target is not supported",
+                              name="numba_cuda") from exc
 
 from numba import cuda  # noqa: E402
 

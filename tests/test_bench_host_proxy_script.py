@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import fastclip
-from fastclip import _cuda, _plan
+from fastclip import _plan
+
+_cuda = pytest.importorskip("fastclip._cuda")  # numba-cuda (the [cuda] extra)
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
                       "host_proxy.py")

@@ -21,7 +21,8 @@ import pytest
 pytestmark = pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") == "1",
                                 reason="the simulator has no PTX compiler")
 
-cuda = pytest.importorskip("numba.cuda", reason="numba-cuda is not installed")
+pytest.importorskip("numba_cuda", reason="numba-cuda is not installed")
+from numba import cuda  # noqa: E402
 CC = (9, 0)
 
 

@@ -32,7 +32,7 @@ def test_simulator_suite():
     """Run this file in a child pytest with NUMBA_ENABLE_CUDASIM=1 (numba reads it at import)."""
     if SIM:
         pytest.skip("already in the simulator process")
-    pytest.importorskip("numba.cuda")
+    pytest.importorskip("numba_cuda")
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", __file__],
