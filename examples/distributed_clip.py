@@ -84,6 +84,9 @@ def fsdp2(rank: int, world: int, device: torch.device) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    if device.type == "cpu" and not hasattr(torch.cpu.Stream, "record_event"):
+        say(rank, "FSDP2:   skipped (this torch's fully_shard does not run on CPU tensors)")
+        return
     mesh = init_device_mesh(device.type, (world,))
     model = make_model(2).to(device)
     for layer in model:

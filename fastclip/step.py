@@ -30,9 +30,10 @@ _FN = "clip_and_step"
 _STEP_ATTRS = ("grad_scale", "found_inf")
 
 # Steps known to read `grad_scale`/`found_inf` when every group is fused. Compared unwrapped:
-# torch wraps `step` with its profiling hook per class (AdamW inherits Adam's step).
+# torch wraps `step` with its profiling hook per class (AdamW inherits Adam's step from torch 2.7;
+# before, it had a step of its own that reads them too).
 _FUSED_STEPS = tuple(inspect.unwrap(cls.step) for cls in
-                     (torch.optim.Adam, torch.optim.SGD, torch.optim.Adagrad))
+                     (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad))
 
 
 def reads_grad_scale(optimizer: torch.optim.Optimizer) -> bool:

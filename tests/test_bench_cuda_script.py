@@ -66,6 +66,7 @@ def test_without_a_gpu_the_script_says_so(bench, capsys):
 def test_host_overhead_runs_every_measurement(bench, monkeypatch):
     """Each host figure's call runs once on the CPU (launches stubbed, a stand-in timer), so a
     GPU session does not meet a crash in this part of the script."""
+    pytest.importorskip("numba_cuda")  # the CUDA backend's host path (the [cuda] extra)
     spec = importlib.util.spec_from_file_location(
         "host_proxy", os.path.join(os.path.dirname(_PATH), "host_proxy.py"))
     proxy = importlib.util.module_from_spec(spec)

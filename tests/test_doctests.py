@@ -27,8 +27,14 @@ def _modules() -> list[str]:
 MODULES = _modules()
 
 
+# The CUDA modules import numba-cuda (the [cuda] extra).
+NEEDS_NUMBA_CUDA = {"fastclip._cuda", "fastclip.kernels.cuda", "fastclip.kernels.agc_cuda"}
+
+
 @pytest.mark.parametrize("name", MODULES)
 def test_docstring_examples(name):
+    if name in NEEDS_NUMBA_CUDA:
+        pytest.importorskip("numba_cuda")
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
                              verbose=False, report=True)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -32,5 +33,8 @@ def test_distributed_example_runs_on_two_ranks(tmp_path):
         said[int(rank)].append((word, norm))
     for rank in (0, 1):
         assert [word for word, _ in said[rank]] == ["2", "DDP:", "sharded:", "FSDP2:"], run.stdout
-    norms = [[norm for _, norm in said[rank][1:]] for rank in (0, 1)]
+    # torch 2.6's fully_shard does not run on CPU tensors: the example says "skipped" there.
+    fsdp2 = hasattr(torch.cpu.Stream, "record_event")
+    norms = [[norm for _, norm in said[rank][1:4 if fsdp2 else 3]] for rank in (0, 1)]
     assert norms[0] == norms[1] and all(norms[0]), run.stdout  # every rank, the same norms
+    assert ("FSDP2:   skipped" in run.stdout) != fsdp2
