@@ -38,6 +38,11 @@ def _backend_for(device: torch.device) -> Optional[ModuleType]:
             _warn_once("no_numba_cuda", f"fastclip: {exc}; CUDA gradients are clipped by torch's "
                                         "implementation")
             return None
+        except Exception as exc:  # a numba-cuda whose modules differ from what the kernels use
+            _warn_once("no_numba_cuda", f"fastclip: its CUDA kernels cannot be built with this "
+                                        f"numba-cuda ({exc!r}); CUDA gradients are clipped by "
+                                        "torch's implementation")
+            return None
         return _cuda if _cuda.is_available() else None
     return None
 

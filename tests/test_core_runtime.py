@@ -185,15 +185,33 @@ def test_numba_cache_is_used_in_a_fresh_process(record_property):
     record_property("fastclip_first_clip_s", report["fastclip_first_clip_s"])
 
 
-_WITHOUT_NUMBA_CUDA = textwrap.dedent("""
+_BREAK_NUMBA_CUDA = {
+    # as if the [cuda] extra were not installed
+    "missing": 'sys.modules["numba_cuda"] = None',
+    # as if numba-cuda were of another era: its modules lack what the kernels use
+    "incompatible": textwrap.dedent("""
+        import importlib.abc, importlib.util
+        class Broken(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+            def find_spec(self, name, path=None, target=None):
+                if name == "fastclip.kernels.cuda":
+                    return importlib.util.spec_from_loader(name, self)
+            def create_module(self, spec):
+                return None
+            def exec_module(self, module):
+                raise AttributeError("module 'numba.cuda.types' has no attribute 'float32'")
+        sys.meta_path.insert(0, Broken())
+    """),
+}
+
+_CUDA_BACKEND_CHILD = textwrap.dedent("""
     import sys, warnings
-    sys.modules["numba_cuda"] = None  # as if the [cuda] extra were not installed
+    BREAK
     import torch, fastclip
     from fastclip import _plan
     try:
         import fastclip._cuda
-    except ImportError as exc:
-        print("ImportError:", exc)
+    except Exception as exc:
+        print(type(exc).__name__ + ":", exc)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         first = _plan._backend_for(torch.device("cuda", 0))
@@ -202,15 +220,23 @@ _WITHOUT_NUMBA_CUDA = textwrap.dedent("""
 """)
 
 
-def test_cuda_grads_go_to_torch_with_one_warning_without_numba_cuda():
+@pytest.mark.parametrize("how", list(_BREAK_NUMBA_CUDA))
+def test_cuda_grads_go_to_torch_with_one_warning_without_usable_numba_cuda(how):
     # numba ships its own, deprecated CUDA target; numba.cuda imports without the numba-cuda
-    # package but the kernels cannot be built with it. Before this was checked, a CUDA clip
-    # failed with AttributeError (numba 0.60); it must fall back to torch and say why, once.
-    out = subprocess.run([sys.executable, "-c", _WITHOUT_NUMBA_CUDA], capture_output=True,
-                         text=True, timeout=300)
+    # package but the kernels cannot be built with it (nor with numba-cuda 0.20's modules).
+    # Before this was checked, a CUDA clip failed with AttributeError; it must fall back to torch
+    # and say why, once.
+    child = _CUDA_BACKEND_CHILD.replace("BREAK", _BREAK_NUMBA_CUDA[how])
+    out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     first_line, second_line = out.stdout.strip().splitlines()[-2:]
-    assert first_line.startswith("ImportError: fastclip's CUDA kernels need the numba-cuda package")
-    assert second_line.startswith("None None 1 RuntimeWarning fastclip: fastclip's CUDA kernels "
-                                  "need the numba-cuda package"), second_line
+    if how == "missing":
+        assert first_line.startswith("ModuleNotFoundError: fastclip's CUDA kernels need the "
+                                     "numba-cuda package"), first_line
+        assert second_line.startswith("None None 1 RuntimeWarning fastclip: fastclip's CUDA kernels "
+                                      "need the numba-cuda package"), second_line
+    else:
+        assert first_line.startswith("AttributeError:"), first_line
+        assert second_line.startswith("None None 1 RuntimeWarning fastclip: its CUDA kernels cannot "
+                                      "be built with this numba-cuda (AttributeError("), second_line
     assert "clipped by torch's implementation" in second_line
