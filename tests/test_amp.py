@@ -341,7 +341,8 @@ def test_cuda_bf16_grads_match_unscale_then_clip(init_scale, max_norm):
     ([1e30 * 65536.0] * 4, 65536.0, 1e-6),  # inv_scale * coef is below float32's normal range
     ([3e38, 1.0, 2.0], 2.0 ** -4, 1.0),  # unscaling overflows to inf (a scale below 1)
     ([3.0, 4.0], 2.0 ** -4, 1.0),  # a scale below 1, finite values
-], ids=["subnormal-factor", "unscale-overflow", "scale-below-1"])
+    ([3.0, 4.0], 0.5, 100.0),  # inv_scale 2: a factor in (1, 2], which the clip kernels would skip
+], ids=["subnormal-factor", "unscale-overflow", "scale-below-1", "scale-one-half"])
 def test_extreme_factors_stay_bitwise_equal_to_unscale_then_clip(grads, init_scale, max_norm):
     """One pass by inv_scale * coef is exact only when that product is a normal float32 and
     unscaling cannot overflow; elsewhere the host path takes torch's two roundings."""

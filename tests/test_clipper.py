@@ -100,13 +100,13 @@ class ZClipRef:
 
 
 def run_against_reference(policy, ref, steps, dtype=torch.float32, spikes=(), bad_steps=(),
-                          max_norm=None, nonfinite="propagate"):
+                          max_norm=None, nonfinite="propagate", bad=math.nan):
     params = make_params(dtype)
     clipper = GradClipper(params, max_norm=max_norm, policy=policy, nonfinite=nonfinite)
     cap = math.inf if max_norm is None else max_norm
     clipped = []
     for step in range(steps):
-        grads = grads_at(step, dtype, spikes, math.nan if step in bad_steps else None)
+        grads = grads_at(step, dtype, spikes, bad if step in bad_steps else None)
         set_grads(params, grads)
         norm = clipper.step()
         finite = math.isfinite(float(norm))
@@ -195,6 +195,24 @@ def test_zclip_warmup_uses_max_norm_and_skips_nonfinite():
 def test_autoclip_history_ignores_nonfinite_steps():
     run_against_reference(AutoClip(percentile=50, history=6), AutoClipRef(50, 6), steps=16,
                           bad_steps=(0, 4, 5), nonfinite="zero")
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf], ids=["inf", "-inf"])
+def test_autoclip_history_ignores_infinite_steps(bad):
+    # An inf norm must not enter the history either (nanquantile would count it as the largest).
+    run_against_reference(AutoClip(percentile=50, history=6), AutoClipRef(50, 6), steps=16,
+                          bad_steps=(1, 4, 9), nonfinite="skip", bad=bad)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
+def test_zclip_statistics_skip_nonfinite_steps_after_warmup(bad):
+    # No cap, so every threshold is ZClip's own: a non-finite step after the warmup must leave the
+    # EMA's mean and variance as they were, and the spikes after it are still clipped.
+    spikes = (14, 22, 23)
+    clipper, clipped = run_against_reference(ZClip(alpha=0.9, z_thresh=2.5, warmup=8),
+                                             ZClipRef(0.9, 2.5, 8), steps=30, spikes=spikes,
+                                             bad_steps=(10, 18), nonfinite="skip", bad=bad)
+    assert set(spikes) <= set(clipped)
 
 
 # --- non-finite grads --------------------------------------------------------------------------
@@ -473,6 +491,18 @@ def test_summary_counts_and_percentiles():
     assert empty["steps"] == 0 and math.isnan(empty["norm_percentiles"][50])
     with pytest.raises(ValueError, match="`percentiles` must be in"):
         clipper.summary(percentiles=(150,))
+
+
+def test_summary_does_not_count_a_nonfinite_step_as_clipped():
+    # With "propagate", an inf norm scales the grads by 0: a non-finite step, not a clipped one.
+    params = make_params()
+    clipper = GradClipper(params, max_norm=100.0, nonfinite="propagate")
+    for step in range(4):
+        set_grads(params, grads_at(step, bad=math.inf if step == 2 else None))
+        clipper.step()
+    s = clipper.summary()
+    assert s["steps"] == 4 and s["nonfinite_steps"] == 1
+    assert s["clipped_steps"] == 0 and s["clipped_fraction"] == 0.0
 
 
 # --- checkpoints -------------------------------------------------------------------------------

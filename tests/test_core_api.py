@@ -414,6 +414,39 @@ def test_expanded_grad_norm_and_refused_write():
     assert_bitwise_equal(other.grad, before)
 
 
+@pytest.mark.parametrize("call", ["clip_grad_norm_", "clip_grads_with_norm_", "clip_grad_value_"])
+def test_an_expanded_dim_of_two_is_refused_before_any_write(call):
+    """Two elements at one address are already an expanded view: refused before the kernels write
+    the other grads (torch's own in-place op would refuse it only after them)."""
+    other = param_with_grad(random_grad((1000,), torch.float32, 10.0))
+    before = other.grad.clone()
+    expanded = param_with_grad(torch.randn(300, 1).expand(300, 2))
+    args = {"clip_grad_norm_": (1e-3,), "clip_grads_with_norm_": (1e-3, torch.tensor(100.0)),
+            "clip_grad_value_": (1e-3,)}[call]
+    with pytest.raises(RuntimeError, match=rf"^{call}: grad 1 of `parameters` .* expanded view"):
+        getattr(fastclip, call)([other, expanded], *args)
+    assert_bitwise_equal(other.grad, before)
+
+
+def test_a_size_one_dim_with_stride_zero_is_not_an_expanded_view():
+    """A stride of 0 on a dimension of size 1 shares no memory: such a (sliced) grad is clipped
+    in place like torch clips it."""
+    base, dense = torch.randn(10, 3), random_grad((50,), torch.float32, 10.0)
+
+    def params():
+        view = torch.as_strided(base.clone(), (10, 1, 2), (3, 0, 1))  # gaps, and a stride-0 dim of 1
+        return [param_with_grad(dense.clone()), param_with_grad(view)]
+    ours, theirs = params(), params()
+    norm = fastclip.clip_grad_norm_(ours, 1e-3)
+    torch.nn.utils.clip_grads_with_norm_(theirs, 1e-3, norm)
+    for a, b in zip(ours, theirs):
+        assert_bitwise_equal(a.grad, b.grad)
+    fastclip.clip_grad_value_(ours, 1e-5)
+    torch.nn.utils.clip_grad_value_(theirs, 1e-5)
+    for a, b in zip(ours, theirs):
+        assert_bitwise_equal(a.grad, b.grad)
+
+
 @pytest.mark.parametrize("call", ["clip_grad_norm_", "clip_grads_with_norm_"])
 def test_expanded_grad_is_refused_when_nothing_needs_clipping(call):
     """torch's multiply runs whatever the coefficient and refuses an expanded grad; so does

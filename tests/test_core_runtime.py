@@ -66,6 +66,43 @@ def test_torch_thread_count_unchanged(threads):
     assert torch.get_num_threads() == threads
 
 
+_THREADS_CHILD = textwrap.dedent("""
+    import json
+    import numba, torch, fastclip
+    from fastclip import _cpu
+    from fastclip.kernels import cpu as K
+    seen = []
+    for name in ("chunk_power_sums_parallel", "scale_parallel", "clamp_parallel"):
+        def spy(*args, _kernel=getattr(K, name)):
+            seen.append(numba.get_num_threads())
+            return _kernel(*args)
+        setattr(K, name, spy)
+    torch.set_num_threads(2)
+    w = torch.zeros(_cpu.PARALLEL_MIN_ELEMENTS + 5, requires_grad=True)
+    w.grad = torch.randn(w.shape)
+    fastclip.clip_grad_norm_([w], 1e-3)
+    fastclip.clip_grad_value_([w], 1e-6)
+    print(json.dumps({"seen": seen, "pool": numba.config.NUMBA_NUM_THREADS,
+                      "torch": torch.get_num_threads()}))
+""")
+
+
+def test_numba_uses_no_more_threads_than_torch():
+    """numba's pool may be larger than torch's thread count (NUMBA_NUM_THREADS, or more cores than
+    torch is set to use): a call still runs on at most torch.get_num_threads() threads, and leaves
+    torch's count as it was (numba's OpenMP layer would raise it to the pool's size, numba #9387;
+    with a pool no larger than torch's count, as in the test above, that cannot be seen). A fresh
+    process, since numba's pool size is fixed when it is first launched."""
+    env = dict(os.environ, NUMBA_NUM_THREADS="3")
+    out = subprocess.run([sys.executable, "-c", _THREADS_CHILD], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["pool"] == 3
+    assert report["seen"] == [2, 2, 2], report  # norm, scale and clamp, each on the thread pool
+    assert report["torch"] == 2, report
+
+
 @pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf, 3.0, 0.5])
 def test_bitwise_identical_for_any_thread_count(norm_type):
     grads = mixed_big_set()

@@ -10,6 +10,7 @@ leaves one element scaled twice or not at all.
 from __future__ import annotations
 
 import math
+import struct
 
 import numpy as np
 import pytest
@@ -137,3 +138,24 @@ def test_negative_control_a_doubled_element_is_seen():
     # The L1 check above can fail: counting one element twice changes the exact sum.
     v = powers_of_two(LENGTHS[-1], torch.float32).double().abs().tolist()
     assert math.fsum(v) != math.fsum(v + v[-1:])
+
+
+@pytest.mark.parametrize("nan_bits", [0x7FFFFFFFFFFFFFFF, 0xFFFFFFFFFFFFFFFF, 0x7FF8000000000000],
+                         ids=["payload", "negative-payload", "quiet"])
+@pytest.mark.parametrize("n_groups", GROUPS)
+def test_bfloat16_scale_by_a_nan_of_any_payload_gives_nan(nan_bits, n_groups):
+    # float -> bfloat16 rounds by adding a bias to the float32 bits; a NaN whose low bits are all
+    # ones would carry into the exponent and sign (NaN -> -0.0 or +0.0). torch's conversion
+    # guards NaN, and so must the kernel: a NaN coefficient (a NaN norm) makes every element NaN.
+    coef = struct.unpack("<d", struct.pack("<Q", nan_bits))[0]
+    assert math.isnan(coef)
+    tensors = [torch.randn(n, generator=torch.Generator().manual_seed(n)).to(torch.bfloat16)
+               for n in LENGTHS]
+    want = [t.clone().mul_(torch.tensor(coef, dtype=torch.float32)) for t in tensors]
+    chunks = chunked(tensors, 7, n_groups)
+    addrs, codes = table(tensors)
+    run = K.scale_serial if n_groups == 1 else K.scale_parallel
+    run(addrs, codes, chunks.tensor, chunks.start, chunks.stop, chunks.group_bounds, coef)
+    for got, w in zip(tensors, want):
+        assert bool(w.isnan().all())  # torch's answer
+        assert_bitwise_equal(got, w, nan_bits=False)

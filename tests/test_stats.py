@@ -10,6 +10,7 @@ import torch
 
 import fastclip
 from fastclip._plan import Plan
+from fastclip.kernels.layout import DEFAULT_CHUNK_SIZE
 from device_style import device_style  # noqa: F401 (fixture)
 from reference import (assert_norm_close, exact_norm, param_with_grad, random_grad, reference_coef,
                        tensor_power_sum)
@@ -106,6 +107,38 @@ def test_nonfinite_count():
     assert [bool(x) for x in ~torch.isfinite(per)] == [i in positions for i in range(len(params))]
 
 
+@pytest.mark.parametrize("p", NORMS)
+def test_per_tensor_norms_of_grads_spanning_several_chunks(p):
+    """A grad longer than one chunk has one partial per chunk: its norm folds all of them."""
+    g = torch.Generator().manual_seed(13)
+    specs = [((3 * DEFAULT_CHUNK_SIZE + 5,), torch.float32, 1.0), ((9,), torch.float64, 2.0),
+             ((2 * DEFAULT_CHUNK_SIZE,), torch.bfloat16, 0.5)]
+    params = [param_with_grad(random_grad(shape, dtype, scale=s, generator=g)) for shape, dtype, s in specs]
+    # The largest |x| of each long grad lies in its first chunk, not its last.
+    params[0].grad[10] = 100.0
+    params[2].grad[DEFAULT_CHUNK_SIZE - 1] = -50.0
+    grads = [q.grad.clone() for q in params]
+    stats = fastclip.ClipStats()
+    fastclip.clip_grad_norm_(params, max_norm=1.0, norm_type=p, stats=stats)
+    torch.testing.assert_close(stats.per_tensor_norms, _expected_per_tensor(grads, p, torch.float64),
+                               rtol=1e-12, atol=0)
+
+
+def test_inf_norm_per_tensor_keeps_a_nan_from_an_early_chunk():
+    """A NaN in a grad's first chunk makes its inf norm NaN (as torch.linalg.vector_norm), whatever
+    its later chunks hold; the other grads keep their own norms."""
+    grad = random_grad((2 * DEFAULT_CHUNK_SIZE + 7,), torch.float32)
+    grad[3] = math.nan
+    other = random_grad((50,), torch.float32)
+    params = [param_with_grad(grad.clone()), param_with_grad(other.clone())]
+    stats = fastclip.ClipStats()
+    fastclip.clip_grad_norm_(params, max_norm=1.0, norm_type=math.inf, stats=stats)
+    per = stats.per_tensor_norms
+    assert math.isnan(float(torch.linalg.vector_norm(grad, math.inf)))  # torch's answer
+    assert math.isnan(float(per[0]))
+    assert float(per[1]) == float(other.abs().max())
+
+
 def test_inf_only_counts():
     w = param_with_grad(torch.tensor([1.0, math.inf, -math.inf, 2.0]))
     stats = fastclip.ClipStats()
@@ -121,6 +154,21 @@ def test_each_call_overwrites():
     assert float(stats.total_norm) == 5.0 and bool(stats.clipped)
     fastclip.clip_grad_norm_([w], max_norm=10.0, stats=stats)  # w.grad now has norm ~1
     assert float(stats.total_norm) == pytest.approx(1.0, rel=1e-6) and not bool(stats.clipped)
+
+
+def test_a_call_that_cannot_fill_stats_leaves_them_empty():
+    """Every call overwrites: one with no grads, or one that torch does (a meta device), leaves
+    nothing from the call before."""
+    w = param_with_grad(torch.tensor([3.0, 4.0]))
+    stats = fastclip.ClipStats()
+    fastclip.clip_grad_norm_([w], max_norm=1.0, stats=stats)
+    assert all(v is not None for v in stats.as_dict().values())  # filled
+    fastclip.clip_grad_norm_([torch.zeros(2, requires_grad=True)], max_norm=1.0, stats=stats)
+    assert all(v is None for v in stats.as_dict().values()), stats
+    fastclip.clip_grad_norm_([w], max_norm=1.0, stats=stats)
+    meta = param_with_grad(torch.ones(3, device="meta"))
+    fastclip.clip_grad_norm_([meta], max_norm=1.0, stats=stats)
+    assert all(v is None for v in stats.as_dict().values()), stats
 
 
 def test_without_stats_the_api_is_torchs():
@@ -142,6 +190,23 @@ def test_several_device_sets_are_put_back_in_order():
     assert float(norm) == pytest.approx(exact_norm(grads, 2.0), rel=1e-14)
     torch.testing.assert_close(stats.per_tensor_norms, _expected_per_tensor(grads, 2.0, torch.float64),
                                rtol=1e-12, atol=0)
+
+
+def test_nonfinite_count_adds_up_over_device_sets():
+    """Each set counts its own inf/NaN elements; the count is their sum."""
+    params = _mixed_params(seed=7)
+    params[0].grad[1, 1] = math.nan  # set a
+    params[4].grad[0] = math.inf  # set b
+    params[7].grad[2] = -math.inf  # set b
+    grads = [q.grad for q in params]
+    a, b = [0, 2, 3, 6], [1, 4, 5, 7]
+    plan_a = Plan.build([grads[i] for i in a], "test", "tensors")
+    plan_b = Plan.build([grads[i] for i in b], "test", "tensors")
+    sets = [dataclasses.replace(plan_a.sets[0], indices=a), dataclasses.replace(plan_b.sets[0], indices=b)]
+    plan = Plan(sets, len(grads), grads[0].device, torch.float64)
+    stats = fastclip.ClipStats()
+    plan.total_norm(2.0, stats=stats)
+    assert int(stats.nonfinite_count) == 3 and stats.nonfinite_count.dtype == torch.int64
 
 
 @pytest.mark.parametrize("p", [2.0, math.inf])

@@ -397,3 +397,33 @@ def test_a_coefficient_beyond_float32s_reciprocal_still_clips(dtype, value, max_
     expected = run(False)
     assert (expected != 0).all()  # the clipped step moved every parameter
     torch.testing.assert_close(run(True), expected, rtol=2.0 ** -22, atol=0)
+
+
+def test_the_amp_divisor_is_rounded_once():
+    """With a scaler, the fused step divides by float32(1 / (inv_scale * coef)): the product is
+    taken exactly and rounded to float32 once, so the divisor is within half an ulp of the exact
+    value (a float32 product first would add a second rounding: up to one ulp). A scale that is
+    not a power of two makes the product inexact in float32."""
+    from fractions import Fraction
+
+    from fastclip.clip_grad import clip_coefficient
+
+    g = torch.Generator().manual_seed(5)
+    worst = 0.0
+    for _ in range(200):
+        p = torch.nn.Parameter(torch.zeros(6))
+        opt = torch.optim.SGD([p], lr=0.1, fused=True)
+        seen = []
+        opt.step = lambda: seen.append(opt.grad_scale.clone())  # the step torch would run
+        scaler = torch.amp.GradScaler("cpu", init_scale=1000.0)
+        scaler.scale(torch.ones(()))
+        p.grad = torch.randn(6, generator=g) * 1000.0
+        norm = fastclip.clip_and_step(opt, 0.1, scaler=scaler)
+        inv = scaler._scale.double().reciprocal().float()  # GradScaler's own 1/scale
+        coef = clip_coefficient(0.1, norm)
+        exact = 1 / (Fraction(float(inv)) * Fraction(float(coef)))
+        (divisor,) = seen
+        assert divisor.dtype == torch.float32 and 1.0 < float(divisor) < 2.0 ** 24
+        ulp = float(torch.nextafter(divisor, torch.tensor(math.inf)) - divisor)  # float32's ulp
+        worst = max(worst, float(abs(Fraction(float(divisor)) - exact) / Fraction(ulp)))
+    assert worst <= 0.5 * (1 + 2.0 ** -20), worst
