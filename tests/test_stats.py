@@ -176,15 +176,19 @@ def test_without_stats_the_api_is_torchs():
     assert float(fastclip.clip_grad_norm_([w], 1.0)) == 5.0
 
 
-def test_several_device_sets_are_put_back_in_order():
+def _two_set_plan(grads) -> Plan:
     """A plan with two sets whose tensors interleave in the caller's list (as with two GPUs)."""
-    params = _mixed_params(seed=7)
-    grads = [q.grad for q in params]
     a, b = [0, 2, 3, 6], [1, 4, 5, 7]
     plan_a = Plan.build([grads[i] for i in a], "test", "tensors")
     plan_b = Plan.build([grads[i] for i in b], "test", "tensors")
     sets = [dataclasses.replace(plan_a.sets[0], indices=a), dataclasses.replace(plan_b.sets[0], indices=b)]
-    plan = Plan(sets, len(grads), grads[0].device, torch.float64)
+    return Plan(sets, len(grads), grads[0].device, torch.float64)
+
+
+def test_several_device_sets_are_put_back_in_order():
+    params = _mixed_params(seed=7)
+    grads = [q.grad for q in params]
+    plan = _two_set_plan(grads)
     stats = fastclip.ClipStats()
     norm = plan.total_norm(2.0, stats=stats)
     assert float(norm) == pytest.approx(exact_norm(grads, 2.0), rel=1e-14)
@@ -195,15 +199,11 @@ def test_several_device_sets_are_put_back_in_order():
 def test_nonfinite_count_adds_up_over_device_sets():
     """Each set counts its own inf/NaN elements; the count is their sum."""
     params = _mixed_params(seed=7)
-    params[0].grad[1, 1] = math.nan  # set a
-    params[4].grad[0] = math.inf  # set b
-    params[7].grad[2] = -math.inf  # set b
+    params[0].grad[1, 1] = math.nan
+    params[4].grad[0] = math.inf
+    params[7].grad[2] = -math.inf
     grads = [q.grad for q in params]
-    a, b = [0, 2, 3, 6], [1, 4, 5, 7]
-    plan_a = Plan.build([grads[i] for i in a], "test", "tensors")
-    plan_b = Plan.build([grads[i] for i in b], "test", "tensors")
-    sets = [dataclasses.replace(plan_a.sets[0], indices=a), dataclasses.replace(plan_b.sets[0], indices=b)]
-    plan = Plan(sets, len(grads), grads[0].device, torch.float64)
+    plan = _two_set_plan(grads)  # NaN in the first set, the infs in the second
     stats = fastclip.ClipStats()
     plan.total_norm(2.0, stats=stats)
     assert int(stats.nonfinite_count) == 3 and stats.nonfinite_count.dtype == torch.int64
