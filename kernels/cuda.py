@@ -183,6 +183,31 @@ if SIMULATOR:
     _kernel = cuda.jit
 else:
     from llvmlite import ir
+
+    def _load_registries_without_row_stack() -> None:
+        """Let numba-cuda load its NumPy overloads under NumPy >= 2.5.
+
+        numba-cuda 0.30 (in maintenance; NVIDIA/numba-cuda#907 will not be fixed) registers an
+        overload of ``np.row_stack``, which NumPy 2.5 removed: the registries then fail to load
+        and no kernel compiles. They are loaded once here with a stand-in in its place (a
+        function of its own, so no second overload of ``np.vstack``), which is then removed.
+        """
+        if hasattr(np, "row_stack"):
+            return
+
+        def row_stack(tup, **kwargs):  # NumPy < 2.5's alias of vstack
+            return np.vstack(tup, **kwargs)
+
+        setattr(np, "row_stack", row_stack)  # setattr: NumPy versions' stubs disagree on it
+        try:
+            import numba.cuda.np.arrayobj  # noqa: F401
+        except ImportError:  # a numba-cuda laid out otherwise: nothing to load early
+            pass
+        finally:
+            delattr(np, "row_stack")
+
+    _load_registries_without_row_stack()
+
     from numba.cuda import types
     from numba.cuda.extending import intrinsic
 
