@@ -162,7 +162,7 @@ def _rounds(pairs: list) -> list[list]:
         earlier = (starts[:j] < ends[j]) & (starts[j] < ends[:j])
         if earlier.any():
             round_of[j] = round_of[:j][earlier].max() + 1
-    return [[pairs[i] for i in np.flatnonzero(round_of == r)] for r in range(int(round_of.max()) + 1)]
+    return [[pairs[i] for i in np.flatnonzero(round_of == r)] for r in range(int(np.max(round_of)) + 1)]
 
 
 class _Table:
