@@ -18,6 +18,7 @@ here the slow way (gathering every grad), so the script fails loudly if a rank i
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import sys
@@ -122,6 +123,9 @@ def main() -> None:
         sharded(rank, world, device)
         fsdp2(rank, world, device)
     finally:
+        # FSDP2's modules sit in reference cycles: free them while their process groups still
+        # exist (left to interpreter exit, torch 2.11's gloo aborted the process now and then).
+        gc.collect()
         dist.destroy_process_group()
 
 

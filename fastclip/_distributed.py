@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 import struct
 import sys
+import weakref
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
@@ -47,11 +48,14 @@ from fastclip._validate import _describe
 EXCLUDED = -1  # label of a replicated local shard that another rank counts
 _CACHE_LIMIT = 256
 
-# Caches keyed by DeviceMesh (hash and == compare the layout: slicing a mesh again gives an
-# equal, not identical, object) and by id(group) with the group kept, so that an id() reused by
-# a new object can never match a stale entry.
-_mesh_groups_cache: dict = {}
-_within_cache: dict = {}
+# No cache holds a process group alive: destroy_process_group() must be able to free them. (A
+# group that outlived it was destroyed at interpreter exit, where gloo aborted the process:
+# "terminate called without an active exception".) Mesh groups are looked up at each call
+# (DeviceMesh.get_group: a registry lookup, under 1 us); the membership check is cached per
+# DeviceMesh (a weak key; hash and == compare the layout, so slicing a mesh again finds the
+# entry) and per group, kept by weak reference so that an id() reused by a new object never
+# matches a stale entry.
+_within_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _index_cache: dict = {}
 
 
@@ -162,19 +166,9 @@ def _world_size() -> int:
 
 def _mesh_groups(mesh, dims: tuple) -> list:
     """Process groups whose successive all-reduces sum over the mesh dims ``dims``."""
-    per_dims = _mesh_groups_cache.get(mesh)
-    if per_dims is None:
-        if len(_mesh_groups_cache) >= _CACHE_LIMIT:
-            _mesh_groups_cache.clear()
-        per_dims = _mesh_groups_cache[mesh] = {}
-    groups = per_dims.get(dims)
-    if groups is None:
-        if len(dims) == mesh.ndim and mesh.ndim > 1 and mesh.size() == _world_size():
-            groups = [_dist().GroupMember.WORLD]  # the whole mesh is the world: one all-reduce
-        else:
-            groups = [mesh.get_group(d) for d in dims]
-        per_dims[dims] = groups
-    return groups
+    if len(dims) == mesh.ndim and mesh.ndim > 1 and mesh.size() == _world_size():
+        return [_dist().GroupMember.WORLD]  # the whole mesh is the world: one all-reduce
+    return [mesh.get_group(d) for d in dims]
 
 
 def _mesh_within(mesh, group, fn: str) -> None:
@@ -182,13 +176,15 @@ def _mesh_within(mesh, group, fn: str) -> None:
     dist = _dist()
     if group is dist.GroupMember.WORLD:
         return
-    key = (mesh, id(group))
-    entry = _within_cache.get(key)
-    if entry is None or entry[0] is not group:
-        if len(_within_cache) >= _CACHE_LIMIT:
-            _within_cache.clear()
+    per_group = _within_cache.get(mesh)
+    if per_group is None:
+        per_group = _within_cache[mesh] = {}
+    entry = per_group.get(id(group))
+    if entry is None or entry[0]() is not group:
+        if len(per_group) >= _CACHE_LIMIT:
+            per_group.clear()
         outside = sorted(set(mesh.mesh.flatten().tolist()) - set(dist.get_process_group_ranks(group)))
-        entry = _within_cache[key] = (group, outside)
+        entry = per_group[id(group)] = (weakref.ref(group), outside)
     if entry[1]:
         raise ValueError(
             f"{fn}: a DTensor grad lives on {mesh!r}, whose ranks {entry[1]} are not in `group`. "
