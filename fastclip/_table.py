@@ -102,6 +102,7 @@ class TensorTable:
             i = int(np.flatnonzero((addrs == 0) & (lengths > 0))[0])
             raise TypeError(f"fastclip: tensor {i} ({type(views[i]).__name__}) has no data address "
                             "of its own; pass plain tensors or DTensors")
+        codes: np.ndarray
         if isinstance(dtypes, torch.dtype):
             codes = np.empty(n, dtype=np.int64)
             codes.fill(DTYPE_CODES[dtypes])
