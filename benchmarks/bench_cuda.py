@@ -368,6 +368,18 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("bench_cuda: no CUDA GPU visible to torch", file=sys.stderr)
         return 2
+    # Where fastclip leaves CUDA grads to torch (numba-cuda missing or unusable, a kernel the
+    # driver cannot load), every "fastclip" figure would time torch: stop and say why.
+    try:
+        from fastclip import _cuda
+
+        usable, why = _cuda.is_available(), "see the warning above"
+    except Exception as exc:
+        usable, why = False, repr(exc)
+    if not usable:
+        print(f"bench_cuda: fastclip's CUDA backend cannot run here ({why}); nothing to compare",
+              file=sys.stderr)
+        return 3
     result = run(args)
     print_summary(result)
     if args.out:

@@ -44,8 +44,13 @@ def version(dist):
 
 print("python", platform.python_version(), "| torch", torch.__version__, "cuda", torch.version.cuda,
       "|", ", ".join(f"{d} {version(d)}" for d in ("numba", "numba-cuda", "cuda-core", "cuda-bindings")))
-from fastclip import _cuda
-print("fastclip CUDA backend available:", _cuda.is_available())
+import numpy
+print("numpy", numpy.__version__)
+try:
+    from fastclip import _cuda
+    print("fastclip CUDA backend available:", _cuda.is_available())
+except Exception as exc:  # numba-cuda missing or unusable: every later stage would time torch
+    print("fastclip CUDA backend available: False,", repr(exc))
 EOF
 } 2>&1 | tee "$OUT/versions.txt"
 

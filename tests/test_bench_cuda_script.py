@@ -56,6 +56,16 @@ def test_every_timed_clip_starts_from_unclipped_grads(bench, monkeypatch):
     assert row["norm_rel_err_fastclip"] < 1e-6
 
 
+def test_without_fastclips_cuda_backend_the_script_stops(bench, capsys, monkeypatch):
+    """A GPU where fastclip falls back to torch: the script must not time torch against itself."""
+    _cuda = pytest.importorskip("fastclip._cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_cuda, "is_available", lambda: False)
+    monkeypatch.setattr(bench, "run", lambda args: pytest.fail("the benchmark ran"))
+    assert bench.main(["--sets", "tiny"]) == 3
+    assert "fastclip's CUDA backend cannot run here" in capsys.readouterr().err
+
+
 def test_without_a_gpu_the_script_says_so(bench, capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
