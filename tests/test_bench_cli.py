@@ -288,6 +288,15 @@ def test_cuda_without_cuda_is_one_line_exit_2(capsys):
     assert "CUDA is not available" in _one_error_line(capsys.readouterr().err)
 
 
+def test_cuda_where_fastclip_leaves_cuda_to_torch_is_one_line_exit_2(capsys, monkeypatch):
+    from fastclip.bench import runner
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(runner, "cuda_backend_usable", lambda: False)
+    assert main(["--device", "cuda"]) == 2
+    assert "fastclip's CUDA kernels cannot run here" in _one_error_line(capsys.readouterr().err)
+
+
 def test_help_exits_0(capsys):
     assert main(["--help"]) == 0
     assert "gpt2-124m" in capsys.readouterr().out

@@ -127,6 +127,12 @@ def resolve(args: argparse.Namespace) -> list[str]:
     """Check the arguments against the machine; return the preset names to run."""
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device cuda: CUDA is not available to torch {torch.__version__} here")
+    from fastclip.bench import runner  # (numba's import: not before the arguments are read)
+
+    if args.device == "cuda" and not runner.cuda_backend_usable():
+        # fastclip would hand CUDA grads to torch: its rows would time torch against itself.
+        raise UsageError("--device cuda: fastclip's CUDA kernels cannot run here (numba-cuda missing "
+                         "or unusable: pip install 'fastclip[cuda]'; see any fastclip warning above)")
     presets = args.preset or ([] if args.model else list(C.DEFAULT_SETS[args.device]))
     if "all" in presets:
         presets = [n for n, s in C.GRAD_SETS.items() if not s.large or args.device == "cuda" or args.allow_large]

@@ -182,15 +182,20 @@ def operation(case: C.Case, gs: GradSet) -> Operation:
                      BYTES_PER_GRAD_BYTE[step] * n, method.label)
 
 
+def cuda_backend_usable() -> bool:
+    """Whether fastclip's CUDA kernels run here (else fastclip leaves CUDA grads to torch)."""
+    try:
+        from fastclip import _cuda
+        return bool(_cuda.is_available())
+    except Exception:  # not installed, or numba-cuda cannot start here: fastclip uses torch
+        return False
+
+
 def _backend_name(device: torch.device) -> str:
     if device.type == "cpu":
         return "numba CPU kernels"
-    try:
-        from fastclip import _cuda
-        available = bool(_cuda.is_available())
-    except Exception:  # not installed, or numba-cuda cannot start here: fastclip uses torch
-        available = False
-    return "numba CUDA kernels" if available else "none (fastclip falls back to torch on this device)"
+    return "numba CUDA kernels" if cuda_backend_usable() else \
+        "none (fastclip falls back to torch on this device)"
 
 
 def rel_error(value: float, reference: float) -> float:
