@@ -97,3 +97,30 @@ def test_fast_launches_convert_arguments_and_errors_after_success_propagate(monk
     launcher.per_device[0]["fast"] = refuse
     with pytest.raises(TypeError, match="later failure"):  # a path that worked does not flip
         launcher(entry, (1, 2, 3, 4, 0, 0.0))
+
+
+def test_the_fast_launch_paths_pieces_exist_in_the_installed_packages():
+    """What ``_Launcher`` and ``_relaxed_capture`` reach for in numba-cuda, cuda-core and
+    cuda-bindings. Where a release moves one, the GPU falls back to numba's dispatcher (slower
+    launches) or to the caller's capture mode: CI says so here, without a GPU."""
+    import inspect
+
+    from numba.cuda import codegen
+    from numba.cuda.cudadrv import devices, driver
+
+    assert callable(getattr(codegen.CUDACodeLibrary, "get_cufunc", None))
+    function_class = getattr(driver, "CudaPythonFunction", None) or driver.Function
+    assert "kernel" in getattr(function_class, "__slots__", ()) or \
+        "self.kernel =" in inspect.getsource(function_class)
+    assert callable(getattr(devices, "get_context", None))
+    assert callable(getattr(driver.Context, "get_active_blocks_per_multiprocessor", None))
+
+    from cuda.core import LaunchConfig, Stream, launch
+
+    assert callable(launch) and callable(Stream.from_handle)
+    LaunchConfig(grid=3, block=_cuda.K.THREADS)  # the keywords _fast_launch passes
+
+    from cuda.bindings import driver as cu
+
+    assert callable(cu.cuThreadExchangeStreamCaptureMode)
+    assert cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_RELAXED is not None
