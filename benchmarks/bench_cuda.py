@@ -370,15 +370,12 @@ def main(argv=None) -> int:
         return 2
     # Where fastclip leaves CUDA grads to torch (numba-cuda missing or unusable, a kernel the
     # driver cannot load), every "fastclip" figure would time torch: stop and say why.
-    try:
-        from fastclip import _cuda
+    from fastclip.bench.runner import cuda_backend_usable
 
-        usable, why = _cuda.is_available(), "see the warning above"
-    except Exception as exc:
-        usable, why = False, repr(exc)
-    if not usable:
-        print(f"bench_cuda: fastclip's CUDA backend cannot run here ({why}); nothing to compare",
-              file=sys.stderr)
+    if not cuda_backend_usable():
+        print("bench_cuda: fastclip's CUDA backend cannot run here (numba-cuda missing or unusable, "
+              "or a kernel the driver cannot load; see any fastclip warning above); nothing to "
+              "compare", file=sys.stderr)
         return 3
     result = run(args)
     print_summary(result)
