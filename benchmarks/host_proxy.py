@@ -5,8 +5,10 @@ Issue 3's host target (<= 60 us per ``clip_grad_norm_`` call for 150 tensors, H1
 the Python that runs before and between the two kernel launches: argument checks, reading
 ``.grad``, the tensor table, the device-table cache, the result's allocation. That code does not
 need a GPU to run. This script sends CPU tensors down the CUDA backend (``fastclip._cuda``, as the
-simulator tests do) with its two launchers replaced by counters, so each call runs all of the CUDA
-path's host work except the launches themselves (``cuda.core``: not measurable without a GPU).
+simulator tests do) with its two launchers replaced by counters. Each call runs all of the CUDA
+path's host work, including each launch's argument conversion and cuda.core's packing of the
+arguments (its ``ParamHolder``), but not the driver's launch call (not measurable without a GPU)
+nor the device guard's ``torch.cuda.current_device()``.
 
 ``clip_grads_with_norm_`` with a float32/float64 norm and a number as ``max_norm`` is one scale
 launch (the kernel computes torch's coefficient from the norm). With a tensor ``max_norm`` or a
@@ -41,13 +43,30 @@ import fastclip  # noqa: E402
 from fastclip import _cuda, _plan  # noqa: E402
 
 
-class CountingLauncher:
-    """Stands in for one of ``_cuda``'s kernel launchers: counts the launches, runs nothing."""
+def _cuda_core_packing():
+    """What cuda.core's ``launch`` does with the arguments before its driver call (packs them
+    into a ``ParamHolder``), or nothing where cuda.core is not installed."""
+    try:
+        from cuda.core._kernel_arg_handler import ParamHolder
+    except ImportError:
+        return lambda stream, config, kernel, *args: None
+    return lambda stream, config, kernel, *args: ParamHolder(args)
 
-    def __init__(self):
+
+class CountingLauncher:
+    """Stands in for one of ``_cuda``'s kernel launchers: runs its fast launch path (argument
+    conversion, cached launch configuration and stream, cuda.core's packing of the arguments),
+    then counts the launch instead of making the driver call."""
+
+    def __init__(self, launcher: "_cuda._Launcher"):
         self.launches = 0
+        self.launcher = getattr(launcher, "launcher", launcher)  # the real one, when nested
+        self.state = {"fast": _cuda_core_packing(), "kernel": None, "configs": {}, "streams": {},
+                      "LaunchConfig": lambda grid, block: (grid, block),
+                      "Stream": type("Stream", (), {"from_handle": staticmethod(lambda h: h)})}
 
     def __call__(self, entry, args) -> None:
+        self.launcher._fast_launch(self.state, entry, args)
         self.launches += 1
 
 
@@ -58,7 +77,7 @@ def cuda_backend_without_launches():
     Yields the two launchers ``(power_sums, scale)``; everything is restored on exit.
     """
     saved = (_plan._backend_for, _cuda._power_sums, _cuda._scale)
-    power_sums, scale = CountingLauncher(), CountingLauncher()
+    power_sums, scale = CountingLauncher(_cuda._power_sums), CountingLauncher(_cuda._scale)
     _plan._backend_for = lambda device: _cuda
     _cuda._power_sums, _cuda._scale = power_sums, scale
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -87,8 +88,13 @@ def test_fast_launches_convert_arguments_and_errors_after_success_propagate(monk
     launcher(entry, (1, 2, 3, 4, 0, 0.0))
     stream, config, _, *args = seen[0]
     assert stream == ("stream", 77) and config == (5, _cuda.K.THREADS)
-    assert [type(a).__name__ for a in args] == ["c_long"] * 5 + ["c_double"]  # max_norm
-    assert [a.value for a in args] == [1, 2, 3, 4, 0, 0.0]
+    # cuda.core packs a Python int as int64 (intptr_t) and a float as a double: each argument
+    # has exactly the type of its slot, whatever the caller passed (a numpy int, an int 0).
+    assert [type(a) for a in args] == [int] * 5 + [float]  # the last: max_norm
+    assert args == [1, 2, 3, 4, 0, 0.0]
+    seen.clear()
+    launcher(entry, (np.int64(1), 2, 3, 4, True, 0))
+    assert [type(a) for a in seen[0][3:]] == [int] * 5 + [float] and seen[0][3:] == (1, 2, 3, 4, 1, 0.0)
     assert dispatcher.calls == []
 
     def refuse(*args):
@@ -124,3 +130,43 @@ def test_the_fast_launch_paths_pieces_exist_in_the_installed_packages():
 
     assert callable(cu.cuThreadExchangeStreamCaptureMode)
     assert cu.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_RELAXED is not None
+
+
+def _packed(holder, n: int) -> list[bytes]:
+    """The 8 bytes behind each of the ``n`` parameter pointers of a cuda.core ``ParamHolder``."""
+    import ctypes
+
+    pointers = (ctypes.c_void_p * n).from_address(holder.ptr)
+    return [ctypes.string_at(pointers[i], 8) for i in range(n)]
+
+
+@pytest.mark.parametrize("name", ["power_sums_kernel", "scale_kernel", "clamp_kernel"])
+def test_fast_launch_arguments_pack_to_the_bytes_of_the_kernels_signature(name):
+    """What cuda.core's ``launch`` hands the driver (its ``ParamHolder`` of the arguments) is, for
+    the Python ints and floats the launcher passes, the same bytes as ctypes int64 and double
+    objects of each parameter of the kernel's signature: what numba's dispatcher would pack."""
+    import ctypes
+
+    kernel_arg_handler = pytest.importorskip("cuda.core._kernel_arg_handler")
+    launcher = _cuda._Launcher(name)
+    values = [-(2 ** 63), 2 ** 63 - 1, 0x7F12_3456_7890, -1, 0, 3]
+    floats = [float("inf"), -0.0, 5e-324, float("nan"), 1.5, 0.1]
+    args = [floats[i % len(floats)] if t == "float64" else values[i % len(values)]
+            for i, t in enumerate(launcher.argtypes)]
+    ours = [conv(a) for conv, a in zip(launcher.convs, args)]
+    reference = [ctypes.c_double(a) if t == "float64" else ctypes.c_int64(a)
+                 for t, a in zip(launcher.argtypes, args)]
+    n = len(args)
+    assert _packed(kernel_arg_handler.ParamHolder(ours), n) == \
+        _packed(kernel_arg_handler.ParamHolder(reference), n)
+    # The negative control: a float64 slot given a Python int is packed as an integer.
+    if "float64" in launcher.argtypes:
+        wrong = [1 if isinstance(a, float) else a for a in ours]
+        assert _packed(kernel_arg_handler.ParamHolder(wrong), n) != \
+            _packed(kernel_arg_handler.ParamHolder(reference), n)
+
+
+def test_fast_launch_refuses_a_float_for_an_integer_parameter():
+    launcher = _cuda._Launcher("scale_kernel")
+    with pytest.raises(TypeError):
+        [conv(a) for conv, a in zip(launcher.convs, (1, 2, 3, 4.0, 0, 0.0))]
