@@ -192,10 +192,10 @@ class _Launcher:
         self.dispatcher, sig = K.KERNELS[name]
         self.argtypes = [a.strip() for a in sig.split(",")]
         # cuda.core packs a Python float as a double and a Python int as a 64-bit intptr_t: the
-        # kernels' float64 and int64 parameters, bit for bit, for ~0.2 us per launch where ctypes
-        # objects cost ~5 us (13 arguments). Each argument is made exactly that Python type, so
-        # an int meant for a float64 slot can never be packed as an integer (nor the reverse:
-        # operator.index refuses a float).
+        # kernels' float64 and int64 parameters, bit for bit. Converting and packing the norm
+        # launch's 13 arguments so took 0.8 us, against 5.6 us through ctypes objects. Each
+        # argument is made exactly its slot's Python type, so a number meant for a float64 slot
+        # is never packed as an integer (and operator.index refuses a float for an int64 slot).
         self.convs = [float if a == "float64" else operator.index for a in self.argtypes]
         self.sig = "void(" + sig + ")"
         self.per_device: dict = {}
