@@ -313,8 +313,9 @@ def host_overhead(dev) -> dict:
         "backend_only_us": host_us(lambda: (table.chunk_cache.clear(),
                                             _cuda.fused_clip_(table, 2.0, 1e-2, torch.float32))),
     }
-    # The same clip with the two launches replaced by counters (benchmarks/host_proxy.py): the
-    # Python part alone, so clip_fastclip_us minus this is what the launches cost.
+    # The same clip with the two launches stopped short of the driver (benchmarks/host_proxy.py:
+    # the launcher's own work and cuda.core's argument packing still run), so clip_fastclip_us
+    # minus this is what the driver's two launch calls and the device guard cost.
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from host_proxy import cuda_backend_without_launches
 
