@@ -8,6 +8,14 @@ import sys
 import pytest
 import torch
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# ``python -m pytest`` puts the working directory first on sys.path. From the repository root,
+# ``kernels/`` (installed as ``fastclip.kernels``) would then be importable as a top-level
+# ``kernels`` and shadow Hugging Face's ``kernels`` package, which transformers >= 5 imports.
+# The tests import the installed fastclip, never the source tree: take the root off the path.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != REPO_ROOT]
+
 # ``tests/reference.py`` is imported as ``reference`` whatever pytest's import mode.
 sys.path.insert(0, os.path.dirname(__file__))
 

@@ -75,3 +75,14 @@ def test_installed_wheel_imports_and_runs_the_bench_cli(wheel, tmp_path):
     assert package == str(site / "fastclip" / "__init__.py")
     assert kernels == str(site / "fastclip" / "kernels" / "__init__.py")
     assert "--preset" in run.stdout
+
+
+def test_the_source_tree_does_not_shadow_a_top_level_kernels_package():
+    # Run from the repository root, ``python -m pytest`` would find ``kernels/`` as a top-level
+    # ``kernels`` before Hugging Face's package of that name (transformers >= 5 imports it);
+    # conftest.py takes the root off sys.path. Whatever `kernels` resolves to, it is not ours.
+    import importlib.util
+
+    spec = importlib.util.find_spec("kernels")
+    origin = Path(spec.origin).resolve() if spec is not None and spec.origin else None
+    assert origin is None or ROOT / "kernels" not in origin.parents, origin
