@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import sys
@@ -25,11 +24,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import fastclip  # noqa: E402
-from fastclip.bench.cases import GRAD_SETS, STEPS  # noqa: E402
-from fastclip.clip_grad import TORCH_CLIP_GRAD_NORM  # noqa: E402
+import fastclip
+from fastclip.bench.cases import GRAD_SETS, STEPS
+from fastclip.clip_grad import TORCH_CLIP_GRAD_NORM
 
 
 def tiny_shapes() -> list:

@@ -31,16 +31,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import timeit
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import fastclip  # noqa: E402
-from fastclip import _cuda, _plan  # noqa: E402
+import fastclip
+from fastclip import _cuda, _plan
 
 
 def _cuda_core_packing():

@@ -77,12 +77,17 @@ def test_installed_wheel_imports_and_runs_the_bench_cli(wheel, tmp_path):
     assert "--preset" in run.stdout
 
 
-def test_the_source_tree_does_not_shadow_a_top_level_kernels_package():
-    # Run from the repository root, ``python -m pytest`` would find ``kernels/`` as a top-level
-    # ``kernels`` before Hugging Face's package of that name (transformers >= 5 imports it);
-    # conftest.py takes the root off sys.path. Whatever `kernels` resolves to, it is not ours.
+@pytest.mark.parametrize("script", [None, "bench_cuda.py", "bench_compile.py", "host_proxy.py"])
+def test_the_source_tree_does_not_shadow_a_top_level_kernels_package(script):
+    # With the repository root on sys.path, ``kernels/`` is a top-level ``kernels`` found before
+    # Hugging Face's package of that name (transformers >= 5 imports it). ``python -m pytest``
+    # puts the root there (conftest.py takes it off), and so did the benchmark scripts, which
+    # the tests import. Whatever `kernels` resolves to, it is not ours.
     import importlib.util
 
+    if script is not None:
+        spec = importlib.util.spec_from_file_location(f"_shadow_{script[:-3]}", ROOT / "benchmarks" / script)
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
     spec = importlib.util.find_spec("kernels")
     origin = Path(spec.origin).resolve() if spec is not None and spec.origin else None
     assert origin is None or ROOT / "kernels" not in origin.parents, origin
