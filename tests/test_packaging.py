@@ -83,11 +83,12 @@ def test_the_source_tree_does_not_shadow_a_top_level_kernels_package(script):
     # Hugging Face's package of that name (transformers >= 5 imports it). ``python -m pytest``
     # puts the root there (conftest.py takes it off), and so did the benchmark scripts, which
     # the tests import. Whatever `kernels` resolves to, it is not ours.
+    import importlib.machinery
     import importlib.util
 
     if script is not None:
         spec = importlib.util.spec_from_file_location(f"_shadow_{script[:-3]}", ROOT / "benchmarks" / script)
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
-    spec = importlib.util.find_spec("kernels")
+    spec = importlib.machinery.PathFinder.find_spec("kernels")  # sys.path itself, not sys.modules
     origin = Path(spec.origin).resolve() if spec is not None and spec.origin else None
     assert origin is None or ROOT / "kernels" not in origin.parents, origin
