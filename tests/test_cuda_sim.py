@@ -748,3 +748,291 @@ def test_zeroing_glue_zeroes_every_grad_only_when_the_flag_is_set(finite):
         assert_bitwise_equal(g, b if finite else torch.zeros_like(b))
     assert all(g._version > v for g, v in zip(grads[:3], versions))  # the kernel may have written
     assert_bitwise_equal(base[:, ::2], base_before[:, ::2])  # the slice's neighbours untouched
+
+
+# --- edges the launches above do not reach (found by a mutation sweep of the CUDA path): chunk
+# shapes, the per-thread order, exponent masks, the finalize, exact-1 coefficients, zero bounds ---
+
+# (per_word, chunk lengths): a word is 16 bytes. The lengths give a thread count of words nw with
+# nw // THREADS odd (a thread's last word is a lone word after a two-word round) and even, and
+# every kind of partial last word, for THREADS == 32.
+_ORDER_CASES = {
+    "float32": (4, (183, 132, 162, 257, 5)),  # nw 45 (3 left), 33, 40 (2 left), 64 (1 left), 1
+    "float64": (2, (79, 66, 141, 1)),      # nw 39 (half word left), 33, 70 (half word), 0
+    "float16": (8, (325, 264, 167, 7)),    # nw 40 (5 left), 33, 20 (7 left), 0
+    "bfloat16": (8, (331, 3)),             # nw 41 (3 left), 0
+}
+
+
+def _slot(per_word: int, k: int, j: int) -> int:
+    """The accumulator of value ``j`` of a thread's ``k``-th word (module comment of kernels.cuda):
+    float32 value j -> s_j; float64 even words -> s0, s1, odd words -> s2, s3; 16-bit pairs -> s_{j//2}."""
+    if per_word == 4:
+        return j
+    if per_word == 2:
+        return j + (2 if k & 1 else 0)
+    return j // 2
+
+
+def _model_thread_sum(vals: list, per_word: int, tid: int, kind: int) -> float:
+    """Thread ``tid``'s share of one chunk, as the kernels' comments define it, in plain Python."""
+    T = K.THREADS
+    nw = len(vals) // per_word
+    s = [0.0, 0.0, 0.0, 0.0]
+
+    def acc(i, v):
+        s[i] = s[i] + v * v if kind == NORM_L2 else s[i] + abs(v)
+
+    for k, w in enumerate(range(tid, nw, T)):
+        for j in range(per_word):
+            acc(_slot(per_word, k, j), vals[per_word * w + j])
+    if len(vals) % per_word and tid == nw % T:  # the partial last word: the thread of word nw
+        for j in range(len(vals) % per_word):
+            acc(_slot(per_word, nw // T, j), vals[per_word * nw + j])
+    return (s[0] + s[1]) + (s[2] + s[3])
+
+
+@needs_sim
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+def test_thread_sums_follow_the_documented_order_and_read_only_the_chunk(dtype):
+    """Each thread's share of a chunk (a device function: plain Python in the simulator), bit for
+    bit against the documented word-to-thread and value-to-accumulator assignment, aligned and at
+    an odd element offset. Values of very different magnitudes make any other order (or a value
+    added twice) change the bits; the elements just past the chunk are huge, so a loop bound that
+    reads one word too many cannot go unseen."""
+    from fastclip.kernels.layout import BFLOAT16, FLOAT16, FLOAT32, FLOAT64
+
+    per_word, lengths = _ORDER_CASES[dtype]
+    code = {"float32": FLOAT32, "float64": FLOAT64, "float16": FLOAT16, "bfloat16": BFLOAT16}[dtype]
+    # Exponents wide enough that sums of squares round (a 16-bit square has 22 significant
+    # bits: over a narrow range every order would give the same exact sum).
+    low, high = {"float16": (-7, 4), "bfloat16": (-20, 20)}.get(dtype, (-3, 4))
+    g = torch.Generator().manual_seed(11)
+    for length in lengths:
+        for start in (0, 1):  # 1: a misaligned chunk, read element by element
+            values = torch.randn(start + length + 16, dtype=torch.float64, generator=g)
+            values *= 10.0 ** torch.randint(low, high, values.shape, generator=g)
+            values[start + length:] = 1e4  # past the chunk
+            t = values.to(getattr(torch, dtype))
+            vals = t.double()[start:start + length].tolist()
+            for kind in (NORM_L2, NORM_L1):
+                for tid in range(K.THREADS):
+                    got = K._thread_sum(t.data_ptr(), code, start, start + length, tid, kind, 2.0)
+                    want = _model_thread_sum(vals, per_word, tid, kind)
+                    assert got == want or (got != got and want != want), (length, start, kind, tid, got, want)
+    if per_word == 8:
+        # A partial word whose grouping shows in the bits: values 0, 1 go to s0 (4**2 + 4**2 = 32)
+        # and 2, 3 to s1 (2 * (2**-24)**2 = 2**-47, one ulp of 32); 2**-48 added to 32 alone
+        # rounds away (to even).
+        t = torch.tensor([4.0, 4.0, 2.0 ** -24, 2.0 ** -24, 1e4], dtype=getattr(torch, dtype))
+        assert K._thread_sum(t.data_ptr(), code, 0, 4, 0, NORM_L2, 2.0) == 32.0 + 2.0 ** -47
+
+
+@needs_sim
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+def test_scale_threads_write_each_element_of_the_chunk_once(dtype):
+    """The scale kernel's per-thread loop (plain Python in the simulator) on the chunk shapes
+    above, aligned and misaligned: every element of the chunk is multiplied exactly once, as
+    torch's ``mul_`` by float32(coef) does, and the elements around the chunk are left alone."""
+    from fastclip.kernels.layout import BFLOAT16, FLOAT16, FLOAT32, FLOAT64
+
+    code = {"float32": FLOAT32, "float64": FLOAT64, "float16": FLOAT16, "bfloat16": BFLOAT16}[dtype]
+    coef = 0.3
+    g = torch.Generator().manual_seed(12)
+    for length in _ORDER_CASES[dtype][1]:
+        for start in (0, 1):
+            t = (torch.randn(start + length + 16, dtype=torch.float64, generator=g) * 4).to(getattr(torch, dtype))
+            want = t.clone()
+            want[start:start + length].mul_(coef if dtype == "float64" else torch.tensor(coef, dtype=torch.float32))
+            for tid in range(K.THREADS):
+                K._scale_thread(t.data_ptr(), code, start, start + length, tid,
+                                np.float32(coef), np.float64(coef))
+            assert_bitwise_equal(t, want)
+
+
+@needs_sim
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's note on 1.7e308 ** 2 (inf, as intended)
+def test_nonfinite_count_tells_huge_finite_values_from_inf_and_nan():
+    """The rescan's exponent masks: finite values next to the largest of each dtype share most
+    exponent bits with inf/NaN, and only the inf/NaN elements count. Each tensor holds a NaN or
+    an inf, so its chunk's partial is not finite and the chunk is rescanned."""
+    f32 = torch.tensor([2e38, -3.0e38, math.nan, 1.7e38, 1.0])
+    f64 = torch.tensor([1e308, -1.7e308, math.inf, 2.0 ** 1023], dtype=torch.float64)
+    f16 = torch.tensor([65504.0, -65504.0, 32768.0, -math.inf], dtype=torch.float16)
+    bf16 = torch.tensor([1e38, -3.0e38, 2.0 ** 121, math.nan, 2.0 ** 127], dtype=torch.bfloat16)
+    tensors = [f32, f64, f16, bf16]
+    assert [int((~t.isfinite()).sum()) for t in tensors] == [1, 1, 1, 1]
+    for i, t in enumerate(tensors):
+        r = _cuda.power_sums(_table([t]), 2.0, count_nonfinite=True)
+        assert int(r.nonfinite) == 1, (i, t)
+    assert int(_cuda.power_sums(_table(tensors), 2.0, count_nonfinite=True).nonfinite) == 4
+
+
+@needs_sim
+def test_empty_tensors_per_tensor_sum_is_written_as_zero():
+    """An empty tensor has no chunk to fold: the finalize writes its per-tensor slot itself (the
+    output buffer comes from torch.empty). Launched on a NaN-filled buffer, so a slot left
+    unwritten shows."""
+    tensors = [torch.randn(40), torch.randn(0), torch.randn(7, dtype=torch.float64), torch.randn(0).half()]
+    table = _table(tensors)
+    entry = _cuda.device_table(table)
+    out = torch.full((2 + len(tensors),), math.nan, dtype=torch.float64)
+    base = out.data_ptr()
+    K.power_sums_kernel[entry.grid, K.THREADS](
+        entry.table, entry.n, entry.nc, NORM_L2, 2.0, entry.scratch, 0, 0.0,
+        base, 0, 0, base + 8, base + 16)
+    per = out[2:].tolist()
+    assert per[1] == 0.0 and per[3] == 0.0
+    assert math.isclose(per[0], tensor_power_sum(tensors[0], 2.0), rel_tol=1e-14)
+    assert math.isclose(per[2], tensor_power_sum(tensors[2], 2.0), rel_tol=1e-14)
+
+
+@needs_sim
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's note on NaN * 0.999 (the control)
+def test_scale_leaves_grads_untouched_when_the_coefficient_is_exactly_1():
+    """coef == 1 (a step that does not clip: the clamp's own value) returns before any access,
+    as documented, rather than multiplying by 1: NaN payloads and signaling NaNs, which a
+    multiply would rewrite, keep their bits."""
+    bf = torch.tensor([0xFFC1, 0x7FFF, 0x7F81, 0x3F80], dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    f32 = torch.tensor([0x7F800001, 0xFFC00001 - (1 << 32), 0x3F800000], dtype=torch.int32).view(torch.float32)
+    tensors = [bf.repeat(20), f32.repeat(20)]
+    before = [t.clone() for t in tensors]
+    for coef in (torch.tensor(1.0), torch.tensor(1.0, dtype=torch.float64)):
+        _cuda.scale_(_table(tensors), coef)
+        for t, b in zip(tensors, before):
+            assert_bitwise_equal(t, b)
+    # Negative control: a coefficient just below 1 does rewrite the NaN payloads.
+    _cuda.scale_(_table(tensors), torch.tensor(0.999))
+    assert not torch.equal(tensors[0].view(torch.int16), before[0].view(torch.int16))
+
+
+@needs_sim
+def test_agc_kernels_match_the_cpu_kernels_on_edge_units():
+    """``run_agc`` against the CPU kernels on units the glue test does not reach: a weight row
+    holding NaN (never clipped: the NaN-propagating max), grad norms below the 1e-6 floor with an
+    eps and clipping small enough to clip them, and rows long enough (300) that the lanes per
+    row would exceed a block without the cap."""
+    from fastclip.kernels import agc as KA
+    from fastclip.kernels import agc_cuda as KC
+    from fastclip.kernels.layout import FLOAT32
+
+    rng = np.random.default_rng(7)
+    cases = [  # (shape, weights, grads, clipping, eps, chunk size)
+        ((3, 8), rng.standard_normal((3, 8)), rng.standard_normal((3, 8)), 0.01, 1e-3, 64),
+        ((4, 4), np.zeros((4, 4)), np.full((4, 4), 5e-8), 1e-3, 1e-6, 64),
+        ((2, 300), rng.standard_normal((2, 300)), rng.standard_normal((2, 300)), 0.01, 1e-3, 1024),
+    ]
+    cases[0][1][1, 3] = np.nan
+    for shape, w, g, clipping, eps, chunk in cases:
+        w32, g32 = w.astype(np.float32), g.astype(np.float32)
+        g_cpu, g_sim = g32.copy(), g32.copy()
+        args = (np.array([w32.ctypes.data]), None, np.array([FLOAT32]), [shape[0]], [shape[1]],
+                clipping, eps)
+        w_sq, g_sq = KA.adaptive_clip(args[0], np.array([g_cpu.ctypes.data]), *args[2:], chunk_size=chunk)
+        out = KC.run_agc(args[0], np.array([g_sim.ctypes.data]), *args[2:], to_device=lambda a: a,
+                         zeros=np.zeros, chunk_size=chunk)
+        rows = shape[0]
+        np.testing.assert_allclose(out[:rows], w_sq, rtol=2 * 300 * 2.0 ** -53)
+        np.testing.assert_allclose(out[rows:2 * rows], g_sq, rtol=2 * 300 * 2.0 ** -53)
+        assert np.array_equal(g_sim.view(np.uint32), g_cpu.view(np.uint32)), (shape, g_sim, g_cpu)
+        clipped = [not np.array_equal(a, b) for a, b in zip(g_sim, g32)]
+        if np.isnan(w).any():  # the NaN row is left as it was; the others are clipped
+            assert clipped == [not np.isnan(r).any() for r in w], clipped
+        else:
+            assert all(clipped), clipped  # negative control: every unit was clipped
+
+
+@needs_sim
+def test_clip_grads_with_norm_reads_a_norm_at_a_grads_last_element_before_writing(cuda_backend):
+    """As above, with the norm the last element of a grad (its last byte is the grad's last):
+    the overlap check spans the grad's bytes, not its element count. The grad's one chunk is the
+    first block's, whose writes the other blocks would otherwise read."""
+    g = torch.Generator().manual_seed(9)
+    grads = [torch.full((CHUNK,), 2.0), torch.randn(5 * CHUNK, generator=g)]
+    expected = [t.clone() for t in grads]
+    torch.nn.utils.clip_grads_with_norm_(_params(expected), 1.0, expected[0][-1])
+    fastclip.clip_grads_with_norm_(_params(grads), 1.0, grads[0][-1])
+    for a, e in zip(grads, expected):
+        assert_bitwise_equal(a, e)
+    assert not torch.equal(grads[0], torch.full((CHUNK,), 2.0))  # negative control: it clipped
+
+
+@needs_sim
+def test_a_set_with_no_elements_launches_and_writes_zeros():
+    """A table with no chunk still launches one block, whose finalize writes total and norm 0,
+    coefficient 1 and count 0 (into NaN-filled outputs, so a missing write shows)."""
+    table = _table([torch.randn(0), torch.randn(0, dtype=torch.float64)])
+    entry = _cuda.device_table(table)
+    assert entry.nc == 0 and entry.grid == 1
+    out = torch.full((6,), math.nan, dtype=torch.float64)
+    base = out.data_ptr()
+    K.power_sums_kernel[entry.grid, K.THREADS](
+        entry.table, entry.n, entry.nc, NORM_L2, 2.0, entry.scratch,
+        K.COUNT_NONFINITE | K.RESULT_F64, 1.0, base, base + 8, base + 16, base + 24, base + 32)
+    assert out[:3].tolist() == [0.0, 0.0, 1.0] and out[3:4].view(torch.int64).item() == 0
+    assert out[4:].tolist() == [0.0, 0.0]
+
+
+@needs_sim
+def test_only_the_last_block_finalizes(monkeypatch):
+    """One block per launch writes the results: the one that takes the last ticket, after every
+    partial is in. (The simulator runs blocks one after the other, so a finalize in an earlier
+    block would be overwritten by a later one and the results alone could not show it; the
+    finalizes are counted instead, with the total each saw.)"""
+    seen = []
+    finalize = K._write_norm_coef
+
+    def spy(total, *args):
+        seen.append(float(total))
+        return finalize(total, *args)
+
+    monkeypatch.setattr(K, "_write_norm_coef", spy)
+    tensors = [torch.randn(700), torch.randn(470, dtype=torch.float64), torch.randn(5)]
+    table = _table(tensors)
+    entry = _cuda.device_table(table)
+    assert entry.grid == 3 and entry.nc > entry.grid
+    for _ in range(2):  # the ticket is back at zero: the second launch finalizes once too
+        seen.clear()
+        norm = _cuda.fused_norm(table, 2.0, torch.float64)
+        assert len(seen) == 1
+        assert math.isclose(seen[0], exact_power_sum(tensors, 2.0), rel_tol=1e-14)
+        assert float(norm) == math.sqrt(seen[0])
+
+
+@needs_sim
+def test_strided_fold_reads_nothing_at_or_past_its_stop():
+    """The fold's 8-way rounds end where a round would reach ``stop``: with values right after
+    ``stop`` in the buffer (huge, so a read of one shows), ranges whose last full round ends
+    exactly at ``stop`` for some thread (``stop - first - 7 * THREADS`` a multiple of
+    ``8 * THREADS`` plus that thread's index)."""
+    T = K.THREADS
+    vals = np.random.default_rng(1).standard_normal(40 * T) ** 2
+    for first, stop in ((0, 15 * T), (3, 15 * T + 3 + 5), (T, 31 * T + T)):
+        buf = vals.copy()
+        buf[stop:] = 1e300
+        for kind in (NORM_L2, NORM_INF):
+            for tid in range(T):
+                got = K._strided_fold(buf.ctypes.data, first, stop, tid, kind)
+                mine = buf[first + tid:stop:T]
+                if kind == NORM_INF:
+                    assert got == (mine.max() if len(mine) else 0.0), (first, stop, tid)
+                else:
+                    ref = 0.0
+                    for v in mine:
+                        ref += v
+                    assert got == ref, (first, stop, tid)
+
+
+@needs_sim
+def test_clamp_to_zero_keeps_the_sign_of_zeros_like_torch():
+    """Bound 0: torch's ``clamp_(min=-0.0, max=0.0)`` leaves +0.0 and -0.0 as they are and sends
+    the rest to a zero of their sign. The kernel stores only the elements that compare beyond the
+    bound, so +0.0 (not below -0.0) keeps its sign bit clear, in every dtype."""
+    values = [0.0, -0.0, 1.0, -1.0, 3e-5, -3e-5] * 6
+    tensors = [torch.tensor(values, dtype=d) for d in (torch.float32, torch.float64, torch.float16,
+                                                       torch.bfloat16)]
+    expected = [t.clone().clamp_(min=-0.0, max=0.0) for t in tensors]
+    _cuda.clamp_(_table(tensors), 0.0)
+    for t, e in zip(tensors, expected):
+        assert_bitwise_equal(t, e)
+    assert torch.signbit(tensors[2]).tolist() == [False, True] * 18  # negative control: signs kept
