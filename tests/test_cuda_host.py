@@ -170,3 +170,84 @@ def test_fast_launch_refuses_a_float_for_an_integer_parameter():
     launcher = _cuda._Launcher("scale_kernel")
     with pytest.raises(TypeError):
         [conv(a) for conv, a in zip(launcher.convs, (1, 2, 3, 4.0, 0, 0.0))]
+
+
+# --- device-table geometry and the cache, on CPU tensors (host memory stands in for the device) --
+
+
+def _cpu_table(tensors):
+    from fastclip._table import TensorTable
+
+    return TensorTable.from_tensors(tensors, [t.dtype for t in tensors])
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(_cuda, "CHUNK_SIZE", 16)
+    monkeypatch.setattr(_cuda, "MAX_BLOCKS", 3)
+    _cuda.clear_cache()
+    yield
+    _cuda.clear_cache()
+
+
+@pytest.mark.parametrize("lengths, grid", [([0], 1), ([0, 0], 1), ([5], 1), ([16, 1], 2), ([20, 40], 3)])
+def test_grid_is_one_block_per_chunk_at_most_and_never_zero(small_chunks, lengths, grid):
+    """A block per chunk up to the cap: no idle blocks on a small table, and one block for a table
+    with no chunk at all (a launch needs one; it writes the zero norm)."""
+    entry = _cuda.device_table(_cpu_table([torch.ones(n) for n in lengths]))
+    assert entry.grid == grid
+
+
+def test_the_cache_keeps_cache_size_tables(small_chunks):
+    """The eager cache holds exactly ``CACHE_SIZE`` tables, least recently used out first."""
+    keep = [[torch.randn(5)] for _ in range(_cuda.CACHE_SIZE + 1)]
+    entries = [_cuda.device_table(_cpu_table(k)) for k in keep[:_cuda.CACHE_SIZE]]
+    for k, e in zip(keep, entries):  # all still cached (and now used in this order)
+        assert _cuda.device_table(_cpu_table(k)) is e
+    _cuda.device_table(_cpu_table(keep[-1]))  # one more: the least recently used goes
+    assert _cuda.device_table(_cpu_table(keep[0])) is not entries[0]
+    assert _cuda.device_table(_cpu_table(keep[-2])) is entries[-1]
+
+
+def test_the_cache_tells_dtypes_of_the_same_memory_apart(small_chunks):
+    """float16 and bfloat16 views of one buffer: same addresses and lengths, other dtype codes,
+    so another device table."""
+    h = torch.randn(40).half()
+    e_half = _cuda.device_table(_cpu_table([h]))
+    e_bf16 = _cuda.device_table(_cpu_table([h.view(torch.bfloat16)]))
+    assert e_bf16 is not e_half
+    lay = _cuda.K.table_layout(1, e_bf16.nc)
+    assert e_half._keep[lay["codes"]] == 2 and e_bf16._keep[lay["codes"]] == 3
+
+
+def test_pinned_arena_hands_out_disjoint_64_byte_aligned_views():
+    """Captured uploads each get pinned memory of their own, never reused: views that start on
+    64-byte steps and never overlap (a plain tensor stands in for the pinned block)."""
+    arena = _cuda._PinnedArena()
+    arena.blocks.append(torch.zeros(_cuda.ARENA_WORDS, dtype=torch.int64))
+    sizes = (3, 8, 1, 13, 9)
+    views = [arena.take(n) for n in sizes]
+    base = arena.blocks[0].data_ptr()
+    spans = [(v.data_ptr() - base, v.data_ptr() - base + 8 * n) for v, n in zip(views, sizes)]
+    assert [v.shape[0] for v in views] == list(sizes)
+    assert all(start % 64 == 0 for start, _ in spans)
+    assert all(stop <= nxt for (_, stop), (nxt, _) in zip(spans, spans[1:]))
+    assert len(arena.blocks) == 1
+
+
+def test_power_sums_launch_writes_per_tensor_sums_only_when_asked(small_chunks, monkeypatch):
+    """The norm launch's output addresses: total, count and per-tensor sums in one float64
+    buffer (2 + n slots), and no per-tensor address (no folds, no writes past a 2-slot buffer)
+    when ``per_tensor=False``. The launch itself is recorded, not run."""
+    launches = []
+    monkeypatch.setattr(_cuda, "_power_sums", lambda entry, args: launches.append(args))
+    table = _cpu_table([torch.randn(40), torch.randn(3)])
+    r = _cuda.power_sums(table, 2.0, per_tensor=False)
+    assert r.per_tensor is None and len(launches) == 1
+    base = r.total.data_ptr()
+    assert launches[0][8:] == (base, 0, 0, base + 8, 0) and launches[0][6] == 0
+    r = _cuda.power_sums(table, 2.0, count_nonfinite=True)
+    base = r.total.data_ptr()
+    assert launches[1][8:] == (base, 0, 0, base + 8, base + 16) and launches[1][6] == _cuda.K.COUNT_NONFINITE
+    assert r.per_tensor.data_ptr() == base + 16 and r.per_tensor.shape == (2,)
+    assert r.nonfinite.data_ptr() == base + 8
