@@ -365,8 +365,10 @@ def test_bad_parameters_raise_before_any_write():
 # --- CUDA kernels: simulator and PTX ------------------------------------------------------------
 
 _SIM_SCRIPT = textwrap.dedent("""
-    import json, sys
+    import json, os, sys
     import numpy as np
+    if hasattr(os, "sched_setaffinity"):  # one CPU: the simulator's threads (see test_cuda_sim.py)
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     from fastclip.kernels import agc as K, agc_cuda as KC
     assert KC.SIMULATOR and KC.BLOCK == 32
     rng = np.random.default_rng(0)
