@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from fastclip._table import DTYPE_CODES, TensorTable
+
 pytestmark = pytest.mark.skipif(os.environ.get("NUMBA_ENABLE_CUDASIM") == "1",
                                 reason="the simulator never takes these paths")
 
@@ -176,8 +178,6 @@ def test_fast_launch_refuses_a_float_for_an_integer_parameter():
 
 
 def _cpu_table(tensors):
-    from fastclip._table import TensorTable
-
     return TensorTable.from_tensors(tensors, [t.dtype for t in tensors])
 
 
@@ -217,7 +217,8 @@ def test_the_cache_tells_dtypes_of_the_same_memory_apart(small_chunks):
     e_bf16 = _cuda.device_table(_cpu_table([h.view(torch.bfloat16)]))
     assert e_bf16 is not e_half
     lay = _cuda.K.table_layout(1, e_bf16.nc)
-    assert e_half._keep[lay["codes"]] == 2 and e_bf16._keep[lay["codes"]] == 3
+    assert e_half._keep[lay["codes"]] == DTYPE_CODES[torch.float16]
+    assert e_bf16._keep[lay["codes"]] == DTYPE_CODES[torch.bfloat16]
 
 
 def test_pinned_arena_hands_out_disjoint_64_byte_aligned_views():

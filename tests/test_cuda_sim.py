@@ -48,7 +48,7 @@ if SIM:
 
     import fastclip
     from fastclip import _cpu, _cuda, _plan
-    from fastclip._table import TensorTable
+    from fastclip._table import DTYPE_CODES, TensorTable
     from fastclip.kernels import cuda as K
 
 # Elements per chunk here: enough 16-byte words that threads read two words per round in every
@@ -817,10 +817,8 @@ def test_thread_sums_follow_the_documented_order_and_read_only_the_chunk(dtype):
     an odd element offset. Values of very different magnitudes make any other order (or a value
     added twice) change the bits; the elements just past the chunk are huge, so a loop bound that
     reads one word too many cannot go unseen."""
-    from fastclip.kernels.layout import BFLOAT16, FLOAT16, FLOAT32, FLOAT64
-
     per_word, lengths = _ORDER_CASES[dtype]
-    code = {"float32": FLOAT32, "float64": FLOAT64, "float16": FLOAT16, "bfloat16": BFLOAT16}[dtype]
+    code = DTYPE_CODES[getattr(torch, dtype)]
     # Exponents wide enough that sums of squares round (a 16-bit square has 22 significant
     # bits: over a narrow range every order would give the same exact sum).
     low, high = {"float16": (-7, 4), "bfloat16": (-20, 20)}.get(dtype, (-3, 4))
@@ -851,9 +849,7 @@ def test_scale_threads_write_each_element_of_the_chunk_once(dtype):
     """The scale kernel's per-thread loop (plain Python in the simulator) on the chunk shapes
     above, aligned and misaligned: every element of the chunk is multiplied exactly once, as
     torch's ``mul_`` by float32(coef) does, and the elements around the chunk are left alone."""
-    from fastclip.kernels.layout import BFLOAT16, FLOAT16, FLOAT32, FLOAT64
-
-    code = {"float32": FLOAT32, "float64": FLOAT64, "float16": FLOAT16, "bfloat16": BFLOAT16}[dtype]
+    code = DTYPE_CODES[getattr(torch, dtype)]
     coef = 0.3
     g = torch.Generator().manual_seed(12)
     for length in _ORDER_CASES[dtype][1]:
