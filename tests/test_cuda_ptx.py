@@ -79,6 +79,20 @@ def test_power_sums_kernel_has_the_last_block_finalize(ptx):
     assert "div.approx.f32" not in text and "rcp.approx.f32" not in text and ".ftz.f32" not in text
 
 
+@pytest.mark.parametrize("name, instructions", [
+    ("power_sums_kernel", ["ld.global.v4.f32", "ld.global.v4.u32", "ld.global.v2.f64"]),
+    ("scale_kernel", ["ld.global.v4.f32", "ld.global.v4.u32", "ld.global.v2.f64",
+                      "st.global.v4.f32", "st.global.v4.u32", "st.global.v2.f64"]),
+])
+def test_bulk_passes_move_16_bytes_per_instruction(ptx, name, instructions):
+    """The norm pass and the scale read (and write) grads in 16-byte vector accesses for every
+    dtype (v4 of float32, v4 of 32-bit words holding two 16-bit values, v2 of float64): issue 3's
+    bandwidth target counts on it, and a scalar fallback would still pass every other test."""
+    text = ptx[name]
+    missing = [i for i in instructions if i not in text]
+    assert not missing, f"{name} has no {missing}"
+
+
 def test_scale_kernel_rounds_16_bit_results_to_nearest_even(ptx):
     text = ptx["scale_kernel"]
     assert "cvt.rn.f16.f32" in text  # fp16 encode (bf16 is encoded with integer ops)
