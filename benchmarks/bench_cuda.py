@@ -9,6 +9,9 @@ Measures, in the same run:
   float32 and bfloat16, and 2000 small tensors; plus ``get_total_norm``;
 - the bandwidth of a device copy (read + write bytes / time), and the read bandwidth of
   fastclip's norm pass (the non-clipping step reads every grad once and writes nothing);
+- ``clip_grad_value_`` against torch's (foreach) on the same sets: a clamping step
+  (``clip_value`` = 0.1 x max |g|, grads restored first, as for clipping) and a non-clamping one
+  (2 x max |g|: fastclip only reads), and whether fastclip's clamp left torch's values;
 - host-side time per call for 150 tensors (Python and launches; the GPU is idle meanwhile);
 - each set's norm against an exact float64 reference, for fastclip and for torch.
 
@@ -37,7 +40,7 @@ import time
 import torch
 
 import fastclip
-from fastclip.clip_grad import TORCH_CLIP_GRAD_NORM, TORCH_GET_TOTAL_NORM
+from fastclip.clip_grad import TORCH_CLIP_GRAD_NORM, TORCH_CLIP_GRAD_VALUE, TORCH_GET_TOTAL_NORM
 
 TARGETS = {"no_clip_speedup": 2.5, "clip_speedup": 1.1, "norm_vs_copy": 0.85, "host_us": 60.0}
 
@@ -269,6 +272,11 @@ def measure_set(name: str, dev, reps: int, copy: float) -> dict:
     def restored(fn):
         return lambda: (restore(), fn())
 
+    max_abs = max(float(g.abs().max()) for g in grads if g.numel())
+    clip_value = 0.1 * max_abs
+    row["clip_value"] = clip_value
+    row["clamped_share"] = sum(int((g != g.clamp(-clip_value, clip_value)).sum()) for g in grads) / row["numel"]
+
     timings = {
         "no_clip_fastclip_ms": lambda: fastclip.clip_grad_norm_(params, 1e30),
         "no_clip_torch_ms": lambda: TORCH_CLIP_GRAD_NORM(params, 1e30, 2.0, False, True),
@@ -277,16 +285,28 @@ def measure_set(name: str, dev, reps: int, copy: float) -> dict:
         "clip_torch_ms": restored(lambda: TORCH_CLIP_GRAD_NORM(params, 1e-2, 2.0, False, True)),
         "get_total_norm_fastclip_ms": lambda: fastclip.get_total_norm(grads),
         "get_total_norm_torch_ms": lambda: TORCH_GET_TOTAL_NORM(grads, 2.0, False, True),
+        # clip_grad_value_: a clamp is idempotent (a second one changes nothing, so fastclip
+        # would write nothing), hence the restore before each clamping call, as for clipping.
+        "value_no_clamp_fastclip_ms": lambda: fastclip.clip_grad_value_(params, 2 * max_abs),
+        "value_no_clamp_torch_ms": lambda: TORCH_CLIP_GRAD_VALUE(params, 2 * max_abs, True),
+        "value_clamp_fastclip_ms": restored(lambda: fastclip.clip_grad_value_(params, clip_value)),
+        "value_clamp_torch_ms": restored(lambda: TORCH_CLIP_GRAD_VALUE(params, clip_value, True)),
     }
     row["restore_ms"] = gpu_ms(restore, reps)
     for key, fn in timings.items():
         row[key] = gpu_ms(fn, reps)
-    for key in ("clip_fastclip_ms", "clip_torch_ms"):
+    for key in ("clip_fastclip_ms", "clip_torch_ms", "value_clamp_fastclip_ms", "value_clamp_torch_ms"):
         row[key + "_with_restore"] = row[key]
         row[key] -= row["restore_ms"]
     restore()
+    fastclip.clip_grad_value_(params, clip_value)
+    row["value_clamp_matches_torch"] = all(
+        torch.equal(g, s.clamp(-clip_value, clip_value)) for g, s in zip(grads, saved))
+    restore()
     row["no_clip_speedup"] = row["no_clip_torch_ms"] / row["no_clip_fastclip_ms"]
     row["clip_speedup"] = row["clip_torch_ms"] / row["clip_fastclip_ms"]
+    row["value_no_clamp_speedup"] = row["value_no_clamp_torch_ms"] / row["value_no_clamp_fastclip_ms"]
+    row["value_clamp_speedup"] = row["value_clamp_torch_ms"] / row["value_clamp_fastclip_ms"]
     row["norm_read_gbps"] = nbytes / (row["no_clip_fastclip_ms"] * 1e-3) / 1e9
     row["norm_vs_copy"] = row["norm_read_gbps"] / copy
     return row
@@ -339,16 +359,21 @@ def _row_text(r: dict) -> str:
             f"({r['no_clip_speedup']:.2f}x) | clip {r['clip_fastclip_ms']:.3f} vs "
             f"{r['clip_torch_ms']:.3f} ms ({r['clip_speedup']:.2f}x) | norm pass "
             f"{r['norm_read_gbps']:.0f} GB/s = {100 * r['norm_vs_copy']:.0f}% of copy | rel err "
-            f"{r['norm_rel_err_fastclip']:.1e} (torch {r['norm_rel_err_torch']:.1e})")
+            f"{r['norm_rel_err_fastclip']:.1e} (torch {r['norm_rel_err_torch']:.1e}) | "
+            f"clip_grad_value_ no-clamp {r['value_no_clamp_speedup']:.2f}x, clamp "
+            f"{r['value_clamp_speedup']:.2f}x ({100 * r['clamped_share']:.0f}% clamped, "
+            f"{'same values as torch' if r['value_clamp_matches_torch'] else 'VALUES DIFFER FROM TORCH'})")
 
 
 def print_summary(result: dict) -> None:
     t = result["targets"]
     print("\n## Summary against issue 3's targets (set on an H100)")
-    print(f"{'set':<18} {'no-clip x':>9} {'clip x':>7} {'norm/copy':>9}")
+    print(f"{'set':<18} {'no-clip x':>9} {'clip x':>7} {'norm/copy':>9}   clip_grad_value_: "
+          f"{'no-clamp x':>10} {'clamp x':>7}")
     for r in result["sets"]:
         print(f"{r['set']:<18} {r['no_clip_speedup']:>9.2f} {r['clip_speedup']:>7.2f} "
-              f"{100 * r['norm_vs_copy']:>8.0f}%")
+              f"{100 * r['norm_vs_copy']:>8.0f}%   {'':>17}{r['value_no_clamp_speedup']:>10.2f} "
+              f"{r['value_clamp_speedup']:>7.2f}")
     h = result["host"]
     print(f"targets: no-clip >= {t['no_clip_speedup']}x, clip >= {t['clip_speedup']}x, "
           f"norm >= {100 * t['norm_vs_copy']:.0f}% of copy, host <= {t['host_us']:.0f} us "

@@ -68,7 +68,7 @@ def pytest_terminal_summary(terminalreporter):
     tr = terminalreporter
     tr.section("fastclip speedups (torch median / fastclip median, same run)")
     for g in dict.fromkeys(c.grad_set for c in _medians):
-        for step in C.STEPS:
+        for step in C.ALL_STEPS:
             fast = _medians.get(C.Case(g, C.BASELINE, step))
             if fast is None:
                 continue

@@ -18,9 +18,9 @@ import torch
 
 from fastclip.bench import cases as C
 from fastclip.bench import coldstart, main
-from fastclip.bench.gradsets import fill_, from_module, materialize, reference_norm
+from fastclip.bench.gradsets import fill_, from_module, materialize, max_abs, reference_norm
 from fastclip.bench.memloops import CopyLoop, ReadLoop
-from fastclip.bench.runner import check_norm
+from fastclip.bench.runner import check_norm, check_values
 
 TINY_MODULE = "fastclip_bench_tiny_models"
 
@@ -124,6 +124,18 @@ def test_case_table_feeds_every_combination():
     assert order == sorted(order, key=C.ISSUE_SETS.index)
 
 
+def test_clip_grad_value_cases_join_the_table():
+    cases = C.all_cases(C.ISSUE_SETS, C.ALL_STEPS)
+    value = [c for c in cases if c.step in C.VALUE_STEPS]
+    assert len(value) == len(C.ISSUE_SETS) * len(C.VALUE_STEPS) * len(C.METHODS) == 24
+    assert len({c.id for c in cases}) == len(cases)
+    # Norm passes belong to clip_grad_norm_: a clip_grad_value_-only run has the yardsticks only.
+    only_value = C.set_cases("s", tuple(C.VALUE_STEPS))
+    assert [c.kind for c in only_value[:2]] == ["read-loop", "copy-loop"]
+    assert not any(c.kind == "norm-pass" for c in only_value)
+    assert {C.STEP_OF[f, k] for f in C.FUNCTIONS for k in ("clipping", "non-clipping")} == set(C.ALL_STEPS)
+
+
 # --- values, reference, yardsticks ----------------------------------------------------------
 
 
@@ -135,6 +147,40 @@ def test_fill_is_seeded_and_reference_is_exact():
     squares = [v * v for g in a.grads for v in g.double().flatten().tolist()]  # exact in float64
     assert reference_norm(a.grads) == pytest.approx(math.sqrt(math.fsum(squares)), rel=1e-13)
     assert a.reference_norm == reference_norm(a.grads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_max_abs_and_the_share_a_clamp_changes(dtype):
+    gs = materialize("t", [(3, 5), (0,), (70000,)], dtype=dtype)
+    values = torch.cat([g.double().flatten() for g in gs.grads])
+    assert gs.max_abs == max_abs(gs.grads) == float(values.abs().max()) > 0
+    assert max_abs([torch.empty(0)]) == 0.0
+    bound = C.VALUE_STEPS["clamping"].clip_value(gs.max_abs)
+    share = gs.share_clamped(bound)
+    assert 0.0 < share < 1.0
+    if dtype == torch.float64:  # no rounding of the bound: the values beyond it
+        assert share == float((values.abs() > bound).double().mean())
+    assert gs.share_clamped(C.VALUE_STEPS["non-clamping"].clip_value(gs.max_abs)) == 0.0
+
+
+def test_the_share_counts_values_a_clamp_changes_not_values_beyond_the_bound():
+    # bfloat16 1.0078125 (the next value after 1) is beyond 1.006, but 1.006 rounds up to it in
+    # bfloat16, so torch's clamp leaves it as it is; 1.015625 (two steps up) does change.
+    gs = materialize("t", [(2,)], dtype=torch.bfloat16)
+    gs.saved[0].copy_(torch.tensor([1.0078125, 1.015625]))
+    assert gs.share_clamped(1.006) == 0.5
+
+
+def test_value_check_counts_every_value_that_differs_from_torchs_clamp():
+    gs = materialize("t", [(1000,), (7,)])
+    bound = C.VALUE_STEPS["clamping"].clip_value(gs.max_abs)
+    for g in gs.grads:
+        g.clamp_(-bound, bound)
+    assert check_values("fastclip", "clamping", gs).ok
+    gs.grads[1][3] = gs.saved[1][3] * 0.5 if gs.saved[1][3].abs() <= bound else 0.0  # one wrong value
+    assert check_values("fastclip", "clamping", gs).mismatched == 1
+    gs.restore()  # nothing clamped at all
+    assert check_values("fastclip", "clamping", gs).mismatched == round(gs.share_clamped(bound) * gs.numel) > 0
 
 
 def test_restore_brings_back_every_value():
@@ -203,6 +249,57 @@ def test_model_run_writes_json_and_plot(tiny_models, tmp_path, capsys):
     assert set(fast["speedup"]) == {"torch-foreach", "torch-loop"}
     assert all(c["ok"] for c in s["checks"]) and len(s["checks"]) == 2 + 6
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_clip_grad_value_run_writes_json(tiny_models, tmp_path, capsys):
+    out_json = tmp_path / "r.json"
+    rc = main(["--model", f"{tiny_models}:mlp", "--function", "clip_grad_value_", "--repeat", "2",
+               "--warmup", "0", "--no-cold-start", "--quiet", "--json", str(out_json)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "clip_grad_value_: every step left exactly torch's clamp" in out
+    assert "clip_grad_value_: every run left torch's clamped values" in out
+    assert "norms agree" not in out and "exact norm" not in out  # no clip_grad_norm_ step was timed
+    assert "x max |g| (clamping, " in out and "(clamping, non-clamping: clip_grad_value_)" in out
+    data = json.loads(out_json.read_text())
+    (s,) = data["sets"]
+    assert data["values_agree"] is True and s["checks"] == []
+    assert [(r["kind"], r["method"], r["step"]) for r in s["rows"]] == \
+        [(c.kind, c.method, c.step) for c in C.set_cases(s["name"], tuple(C.VALUE_STEPS))]
+    assert len(s["value_checks"]) == 6 and all(c["ok"] and c["mismatched"] == 0 for c in s["value_checks"])
+    assert 0.0 < s["clamped_share"] < 1.0
+    fast = {r["step"]: r for r in s["rows"] if r["method"] == "fastclip"}
+    assert set(fast["clamping"]["speedup"]) == {"torch-foreach", "torch-loop"}
+    nbytes = s["nbytes"]
+    assert fast["non-clamping"]["bytes_counted"] == nbytes
+    assert fast["clamping"]["bytes_counted"] == round(nbytes * (1 + s["clamped_share"]))
+
+
+def test_both_functions_in_one_run(capsys):
+    rc = main(["--preset", "many-small", "--function", "both", "--step", "non-clipping", "--repeat", "1",
+               "--warmup", "0", "--no-cold-start", "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    summary = out[out.index("summary:"):]
+    assert "non-clipping" in summary and "non-clamping" in summary and "norm pass" in summary
+    assert "\nmany-small            clipping" not in summary and " clamping " not in summary
+
+
+@pytest.mark.parametrize("wrong, step, words", [
+    (lambda real: lambda ps, cv: real(ps, cv * 1.01), "clamping", "values differ"),
+    (lambda real: lambda ps, cv: None, "clamping", "values differ"),  # clamps nothing
+])
+def test_a_clamp_that_differs_from_torchs_fails_the_run(tiny_models, monkeypatch, capsys, wrong, step, words):
+    # Negative controls: fastclip's clip_grad_value_ off by 1% in the bound, or not clamping at all.
+    real = C.METHODS["fastclip"]
+    monkeypatch.setitem(C.METHODS, "fastclip", C.Method(real.name, real.label, real.clip, real.norm,
+                                                         wrong(real.clamp)))
+    rc = main(["--model", f"{tiny_models}:mlp", "--function", "clip_grad_value_", "--step", "clipping",
+               "--repeat", "1", "--warmup", "0", "--no-cold-start", "--quiet"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert f"DISAGREE with torch's clamp of the same grads: fastclip ({step})" in out and words in out
+    assert "some runs DISAGREE with torch's clamp" in out
 
 
 def test_preset_run_one_step(capsys):

@@ -36,6 +36,16 @@ def test_every_timed_clip_starts_from_unclipped_grads(bench, monkeypatch):
         return norm
 
     monkeypatch.setattr(bench.fastclip, "clip_grad_norm_", spy)
+    clamps = []  # (clip_value, did the grads hold a value beyond it before the call)
+    original_value = fastclip.clip_grad_value_
+
+    def value_spy(params, clip_value, *args, **kwargs):
+        beyond = any(bool((p.grad.abs() > clip_value).any()) for p in params)
+        clamps.append((clip_value, beyond))
+        return original_value(params, clip_value, *args, **kwargs)
+
+    monkeypatch.setattr(bench.fastclip, "clip_grad_value_", value_spy)
+
     def gpu_ms(fn, reps, target_ms=40.0):
         for _ in range(5):
             fn()
@@ -54,6 +64,14 @@ def test_every_timed_clip_starts_from_unclipped_grads(bench, monkeypatch):
         assert torch.equal(g, b)  # restored after timing
     assert row["clip_fastclip_ms"] == 2.0 and row["clip_fastclip_ms_with_restore"] == 3.0
     assert row["norm_rel_err_fastclip"] < 1e-6
+    # clip_grad_value_: 5 non-clamping calls (2 x max |g|: nothing beyond it), then 5 timed
+    # clamping calls, each from restored grads (values beyond the bound every time), then the
+    # one whose values are compared with torch's clamp.
+    clamping = [beyond for v, beyond in clamps if v == row["clip_value"]]
+    assert len(clamps) == 11 and clamping == [True] * 6
+    assert not any(beyond for v, beyond in clamps if v != row["clip_value"])
+    assert 0.0 < row["clamped_share"] < 1.0  # some values clamped, not all
+    assert row["value_clamp_fastclip_ms"] == 2.0 and row["value_clamp_matches_torch"] is True
 
 
 def test_without_fastclips_cuda_backend_the_script_stops(bench, capsys, monkeypatch):
@@ -101,8 +119,10 @@ def test_host_overhead_runs_every_measurement(bench, monkeypatch):
 
 def test_summary_prints_every_target_and_the_host_split(bench, capsys):
     host = {"clip_fastclip_us": 71.0, "no_clip_fastclip_us": 70.0, "clip_launches_stubbed_us": 52.5}
-    row = {"set": "gpt2-124m", "no_clip_speedup": 3.0, "clip_speedup": 1.2, "norm_vs_copy": 0.9}
+    row = {"set": "gpt2-124m", "no_clip_speedup": 3.0, "clip_speedup": 1.2, "norm_vs_copy": 0.9,
+           "value_no_clamp_speedup": 4.25, "value_clamp_speedup": 2.75}
     bench.print_summary({"targets": bench.TARGETS, "sets": [row], "host": host})
     out = capsys.readouterr().out
     assert "gpt2-124m" in out and "3.00" in out and "90%" in out
+    assert "clip_grad_value_" in out and "4.25" in out and "2.75" in out
     assert "host <= 60 us" in out and "71.0 us clip" in out and "52.5 us of the clip without" in out

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 import fastclip
-from fastclip.clip_grad import TORCH_CLIP_GRAD_NORM, TORCH_GET_TOTAL_NORM
+from fastclip.clip_grad import TORCH_CLIP_GRAD_NORM, TORCH_CLIP_GRAD_VALUE, TORCH_GET_TOTAL_NORM
 
 Shape = tuple[int, ...]
 
@@ -166,6 +166,30 @@ class Step:
 STEPS: dict[str, Step] = {s.name: s for s in [Step("clipping", 0.1), Step("non-clipping", 10.0)]}
 
 
+@dataclass(frozen=True)
+class ValueStep:
+    """A ``clip_grad_value_`` step: ``clip_value = factor * max |g|``. A clamping step (factor
+    0.1) changes a share of the values that the report states; a non-clamping one (factor 2)
+    changes none, so fastclip's pass only reads while torch's still writes every value."""
+
+    name: str
+    factor: float
+
+    def clip_value(self, max_abs: float) -> float:
+        return self.factor * max_abs
+
+
+VALUE_STEPS: dict[str, ValueStep] = {s.name: s for s in [ValueStep("clamping", 0.1),
+                                                         ValueStep("non-clamping", 2.0)]}
+ALL_STEPS = (*STEPS, *VALUE_STEPS)  # display order: clip_grad_norm_'s steps, then clip_grad_value_'s
+FUNCTIONS = ("clip_grad_norm_", "clip_grad_value_")
+# --step names a kind of step; --function picks whose steps: (function, kind) -> step name.
+STEP_OF = {("clip_grad_norm_", "clipping"): "clipping",
+           ("clip_grad_norm_", "non-clipping"): "non-clipping",
+           ("clip_grad_value_", "clipping"): "clamping",
+           ("clip_grad_value_", "non-clipping"): "non-clamping"}
+
+
 # --- methods --------------------------------------------------------------------------------
 
 
@@ -178,25 +202,30 @@ class Method:
         label: for tables and plots.
         clip: ``clip(parameters, max_norm) -> norm``, a full ``clip_grad_norm_`` step.
         norm: ``norm(grads) -> norm``, the norm pass alone.
+        clamp: ``clamp(parameters, clip_value)``, a ``clip_grad_value_`` step.
     """
 
     name: str
     label: str
     clip: Callable[[list[torch.Tensor], float], torch.Tensor]
     norm: Callable[[list[torch.Tensor]], torch.Tensor]
+    clamp: Optional[Callable[[list[torch.Tensor], float], None]] = None
 
 
 # torch's functions as captured by fastclip at import: the real torch, even under fastclip.patch().
 METHODS: dict[str, Method] = {m.name: m for m in [
     Method("fastclip", "fastclip",
            lambda ps, mn: fastclip.clip_grad_norm_(ps, mn),
-           lambda gs: fastclip.get_total_norm(gs)),
+           lambda gs: fastclip.get_total_norm(gs),
+           lambda ps, cv: fastclip.clip_grad_value_(ps, cv)),
     Method("torch-foreach", "torch foreach=True",
            lambda ps, mn: TORCH_CLIP_GRAD_NORM(ps, mn, foreach=True),
-           lambda gs: TORCH_GET_TOTAL_NORM(gs, foreach=True)),
+           lambda gs: TORCH_GET_TOTAL_NORM(gs, foreach=True),
+           lambda ps, cv: TORCH_CLIP_GRAD_VALUE(ps, cv, foreach=True)),
     Method("torch-loop", "torch foreach=False",
            lambda ps, mn: TORCH_CLIP_GRAD_NORM(ps, mn, foreach=False),
-           lambda gs: TORCH_GET_TOTAL_NORM(gs, foreach=False)),
+           lambda gs: TORCH_GET_TOTAL_NORM(gs, foreach=False),
+           lambda ps, cv: TORCH_CLIP_GRAD_VALUE(ps, cv, foreach=False)),
 ]}
 BASELINE = "fastclip"  # the method whose speedup over each torch variant is reported
 TORCH_METHODS = ("torch-foreach", "torch-loop")
@@ -220,7 +249,7 @@ class Case:
 
     grad_set: str
     method: str
-    step: Optional[str] = None
+    step: Optional[str] = None  # a STEPS or VALUE_STEPS key
 
     @property
     def kind(self) -> str:
@@ -236,9 +265,11 @@ class Case:
 
 
 def set_cases(grad_set: str, steps=tuple(STEPS), methods=tuple(METHODS)) -> list[Case]:
-    """Everything timed on one set: yardsticks, norm passes, then every (step, method)."""
+    """Everything timed on one set: yardsticks, norm passes (when a ``clip_grad_norm_`` step is
+    timed), then every (step, method). ``steps`` are ``STEPS`` or ``VALUE_STEPS`` keys."""
+    norm_passes = any(s in STEPS for s in steps)
     return ([Case(grad_set, y) for y in YARDSTICKS]
-            + [Case(grad_set, m) for m in NORM_PASS_METHODS if m in methods]
+            + [Case(grad_set, m) for m in NORM_PASS_METHODS if m in methods and norm_passes]
             + [Case(grad_set, m, s) for s in steps for m in methods])
 
 

@@ -1,7 +1,9 @@
-"""``fastclip-bench``: time fastclip against torch's clip_grad_norm_ on model-sized gradient sets.
+"""``fastclip-bench``: time fastclip against torch's clip_grad_norm_ (and clip_grad_value_) on
+model-sized gradient sets.
 
-Exit status: 0 when every norm agrees with the exact reference, 1 when one does not, 2 for bad
-arguments (one line on stderr, no traceback).
+Exit status: 0 when every norm agrees with the exact reference (and every clip_grad_value_ step
+leaves torch's clamped values), 1 when one does not, 2 for bad arguments (one line on stderr, no
+traceback).
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fastclip-bench",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Time fastclip.clip_grad_norm_ against torch.nn.utils.clip_grad_norm_ "
-                    "(foreach=True and foreach=False) on gradient sets the size of real models.",
+                    "(foreach=True and foreach=False) on gradient sets the size of real models; "
+                    "--function clip_grad_value_ times clip_grad_value_ the same way.",
         epilog=f"gradient sets (--preset):\n{sets}\n\nWith no --preset and no --model: "
                f"{', '.join(C.DEFAULT_SETS['cpu'])} on the CPU; every preset on CUDA.")
     p.add_argument("--preset", nargs="+", metavar="NAME", choices=[*C.GRAD_SETS, "all"],
@@ -59,8 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "random values")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="grad dtype (default float32)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the grads live (default cpu)")
+    p.add_argument("--function", choices=[*C.FUNCTIONS, "both"], default="clip_grad_norm_",
+                   help="the function to time (default clip_grad_norm_)")
     p.add_argument("--step", choices=["clipping", "non-clipping", "both"], default="both",
-                   help="a clipping step (max_norm = 0.1 x norm), a non-clipping one (10 x norm), or both")
+                   help="a clipping step (max_norm = 0.1 x norm; for clip_grad_value_, clip_value = "
+                        "0.1 x max |g|), a non-clipping one (10 x norm; 2 x max |g|), or both")
     p.add_argument("--repeat", type=_count(1), default=DEFAULT_REPEAT, metavar="N",
                    help=f"timed calls per operation; the median is reported (default {DEFAULT_REPEAT})")
     p.add_argument("--warmup", type=_count(0), default=DEFAULT_WARMUP, metavar="N",
@@ -160,7 +166,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         argv: the arguments (default ``sys.argv[1:]``).
 
     Returns:
-        The exit status: 0 ok, 1 a norm disagreed with the exact reference, 2 bad arguments.
+        The exit status: 0 ok, 1 a norm disagreed with the exact reference (or a clip_grad_value_
+        result with torch's), 2 bad arguments.
 
     Example:
         >>> from fastclip.bench import main

@@ -30,6 +30,8 @@ class GradSet:
         grads: the grads, in parameter order.
         saved: a copy of the original grads.
         reference_norm: the exact 2-norm of the original grads (float64 math, ``math.fsum``).
+        max_abs: the largest magnitude among the original grads (``clip_grad_value_`` steps
+            set their ``clip_value`` from it).
     """
 
     name: str
@@ -37,7 +39,9 @@ class GradSet:
     grads: list[torch.Tensor]
     saved: list[torch.Tensor]
     reference_norm: float = field(default=math.nan)
+    max_abs: float = field(default=math.nan)
     _copy: Optional[Callable[[], None]] = field(default=None, init=False, repr=False)
+    _shares: dict = field(default_factory=dict, init=False, repr=False)
 
     @property
     def device(self) -> torch.device:
@@ -54,6 +58,15 @@ class GradSet:
     @property
     def nbytes(self) -> int:
         return sum(g.numel() * g.element_size() for g in self.grads)
+
+    def share_clamped(self, bound: float) -> float:
+        """The share of the saved values that torch's ``clamp(-bound, bound)`` changes (counted
+        once per bound). Not quite those with |x| > bound: in a 16-bit dtype a value equal to the
+        bound rounded up to that dtype is beyond the bound, yet its clamp leaves it as it is."""
+        if bound not in self._shares:
+            changed = sum(int((s != s.clamp(-bound, bound)).sum()) for s in self.saved)
+            self._shares[bound] = changed / max(self.numel, 1)
+        return self._shares[bound]
 
     def restore(self) -> None:
         """Copy the saved values back into the grads, in place (a ``memloops`` copy loop)."""
@@ -137,7 +150,17 @@ def _finish(name: str, params: Sequence[torch.Tensor], seed: int) -> GradSet:
     saved = [g.clone() for g in grads]
     gs = GradSet(name, list(params), grads, saved)
     gs.reference_norm = reference_norm(grads)
+    gs.max_abs = max_abs(grads)
     return gs
+
+
+def max_abs(grads: Sequence[torch.Tensor]) -> float:
+    """The largest |value| of ``grads`` (exact: a magnitude is exact in any float dtype); 0 for
+    no values."""
+    tensors = [g for g in grads if g.numel()]
+    if not tensors:
+        return 0.0
+    return float(torch.stack([m.double() for m in torch._foreach_norm(tensors, math.inf)]).max())
 
 
 def materialize(name: str, shapes: Sequence[Shape], dtype: torch.dtype = torch.float32,

@@ -59,12 +59,21 @@ def _row_name(r) -> str:
 
 def set_table(res: SetResult, repeat: int, warmup: int) -> str:
     """The per-set table, with its header and the norm check."""
+    steps = {r.step for r in res.rows}
+    thresholds = []
+    if steps & set(C.STEPS):
+        thresholds.append(f"exact norm {res.reference_norm:.9g}; max_norm = {C.STEPS['clipping'].factor:g} "
+                          f"x norm (clipping), {C.STEPS['non-clipping'].factor:g} x norm (non-clipping)")
+    if steps & set(C.VALUE_STEPS):
+        share = "" if res.clamped_share is None else f", {res.clamped_share:.1%} of the values"
+        thresholds.append(f"max |g| {res.max_abs:.6g}; clip_value = {C.VALUE_STEPS['clamping'].factor:g} "
+                          f"x max |g| (clamping{share}), {C.VALUE_STEPS['non-clamping'].factor:g} x max |g| "
+                          "(non-clamping, none)")
     lines = [
         f"== {res.name}: {res.n_tensors:,} tensors, {res.numel:,} {res.dtype} values "
         f"({res.nbytes / 1e6:,.1f} MB) on {res.device}; fastclip backend: {res.fastclip_backend}",
-        f"   exact norm {res.reference_norm:.9g}; max_norm = {C.STEPS['clipping'].factor:g} x norm "
-        f"(clipping), {C.STEPS['non-clipping'].factor:g} x norm (non-clipping); median of {repeat} "
-        f"calls after {warmup} warm-up",
+        *(f"   {t}" for t in thresholds),
+        f"   median of {repeat} calls after {warmup} warm-up",
         f"{'operation':<34}{'median ms':>10}{'x foreach':>11}{'x loop':>9}{'GB/s':>8}{'% read':>8}{'% copy':>8}",
     ]
     for r in res.rows:
@@ -72,8 +81,21 @@ def set_table(res: SetResult, repeat: int, warmup: int) -> str:
             f"{_row_name(r):<34}{r.median_s * 1e3:>10.3f}"
             f"{_fmt(r.speedup.get('torch-foreach'), '.2f'):>11}{_fmt(r.speedup.get('torch-loop'), '.2f'):>9}"
             f"{r.gbps:>8.1f}{r.share_read:>8.0%}{r.share_copy:>8.0%}")
-    lines.append(norm_line(res))
+    if res.checks:
+        lines.append(norm_line(res))
+    if res.value_checks:
+        lines.append(value_line(res))
     return "\n".join(lines)
+
+
+def value_line(res: SetResult) -> str:
+    """One line saying whether every ``clip_grad_value_`` step left torch's clamped values."""
+    bad = [c for c in res.value_checks if not c.ok]
+    if bad:
+        detail = "; ".join(f"{_LABEL[c.method]} ({c.step}): {c.mismatched:,} values differ" for c in bad)
+        return f"   clip_grad_value_ results DISAGREE with torch's clamp of the same grads: {detail}"
+    return ("   clip_grad_value_: every step left exactly torch's clamp(-clip_value, clip_value) "
+            "of the grads, value for value.")
 
 
 def norm_line(res: SetResult) -> str:
@@ -99,10 +121,12 @@ def norm_line(res: SetResult) -> str:
 
 def summary_table(results: Sequence[SetResult]) -> str:
     """fastclip's speedups, one line per (set, step), and its norm pass against the read loop."""
-    lines = ["summary: fastclip speedup = torch median / fastclip median (same run)",
+    timed = {r.step for res in results for r in res.rows}
+    value_note = " (clamping, non-clamping: clip_grad_value_)" if timed & set(C.VALUE_STEPS) else ""
+    lines = ["summary: fastclip speedup = torch median / fastclip median (same run)" + value_note,
              f"{'set':<22}{'step':<14}{'x foreach':>10}{'x loop':>8}{'fastclip GB/s':>15}"]
     for res in results:
-        for step in C.STEPS:
+        for step in C.ALL_STEPS:
             r = res.row(C.BASELINE, step)
             if r is None:
                 continue
@@ -142,6 +166,7 @@ def to_json(results: Sequence[SetResult], cold: Optional[ColdStart], config: dic
         "bytes_note": BYTES_NOTE,
         "sets": [r.to_dict() for r in results],
         "norms_agree": all(r.norms_agree for r in results),
+        "values_agree": all(r.values_agree for r in results),
         "cold_start": cold.to_dict() if cold is not None else None,
     }
 
@@ -182,7 +207,7 @@ def plot(path: str, results: Sequence[SetResult], title: str = "") -> None:
     """
     from matplotlib.figure import Figure
 
-    steps = [s for s in C.STEPS if any(r.row(C.BASELINE, s) or r.row("torch-foreach", s) for r in results)]
+    steps = [s for s in C.ALL_STEPS if any(r.row(C.BASELINE, s) or r.row("torch-foreach", s) for r in results)]
     methods = [m for m in C.METHODS if any(r.row(m, s) for r in results for s in steps)]
     fig = Figure(figsize=(max(6.0, 1.5 + 1.6 * len(results)), 0.6 + 3.0 * len(steps)))
     axes = fig.subplots(len(steps), 1, squeeze=False)

@@ -18,7 +18,10 @@ from fastclip.bench.runner import SetResult, calls_per_set, run_set
 
 
 def _steps(args: argparse.Namespace) -> list[str]:
-    return list(C.STEPS) if args.step == "both" else [args.step]
+    """The STEPS / VALUE_STEPS keys that ``--function`` and ``--step`` ask for."""
+    kinds = ["clipping", "non-clipping"] if args.step == "both" else [args.step]
+    functions = C.FUNCTIONS if args.function == "both" else [args.function]
+    return [C.STEP_OF[f, k] for f in functions for k in kinds]
 
 
 def _build(name: str, args: argparse.Namespace, model: Optional[torch.nn.Module]) -> GradSet:
@@ -29,7 +32,8 @@ def _build(name: str, args: argparse.Namespace, model: Optional[torch.nn.Module]
 
 
 def run(args: argparse.Namespace, presets: list[str], model: Optional[torch.nn.Module]) -> int:
-    """Time every set, print the tables, write JSON/PNG; 0 when every norm agrees, else 1."""
+    """Time every set, print the tables, write JSON/PNG; 0 when every norm (and every
+    clip_grad_value_ result) agrees, else 1."""
     steps, methods = _steps(args), list(C.METHODS)
     names = presets + ([f"model:{args.model}"] if model is not None else [])
     cold_runs = 0 if args.no_cold_start else args.cold_start_runs
@@ -68,9 +72,14 @@ def run(args: argparse.Namespace, presets: list[str], model: Optional[torch.nn.M
     print("\n" + report.summary_table(results))
     if cold is not None:
         print(report.cold_start_line(cold))
-    agree = all(r.norms_agree for r in results)
-    print("norms: every run agrees with the exact reference" if agree
-          else "norms: some runs DISAGREE with the exact reference (see the tables above)")
+    agree = all(r.all_agree for r in results)
+    if any(r.checks for r in results):
+        print("norms: every run agrees with the exact reference" if all(r.norms_agree for r in results)
+              else "norms: some runs DISAGREE with the exact reference (see the tables above)")
+    if any(r.value_checks for r in results):
+        print("clip_grad_value_: every run left torch's clamped values"
+              if all(r.values_agree for r in results)
+              else "clip_grad_value_: some runs DISAGREE with torch's clamp (see the tables above)")
     if args.json:
         report.write_json(args.json, report.to_json(results, cold, vars(args)))
         print(f"wrote {args.json}")

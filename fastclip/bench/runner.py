@@ -22,10 +22,12 @@ from fastclip.bench.memloops import read_loop
 from fastclip.bench.progress import Progress
 
 # What "GB/s" counts: the grad bytes a step must move at the least, in units of the grads' size.
-BYTES_PER_GRAD_BYTE = {"clipping": 3, "non-clipping": 1}
+BYTES_PER_GRAD_BYTE = {"clipping": 3, "non-clipping": 1, "non-clamping": 1}
 BYTES_NOTE = ("GB/s = grad bytes the operation must move / median time: non-clipping step, norm pass "
               "and read loop 1x the grads (one read); clipping step 3x (read for the norm, read + "
-              "write to scale); copy loop 2x (read + write)")
+              "write to scale); copy loop 2x (read + write); clip_grad_value_: non-clamping 1x (one "
+              "read: no value changes), clamping (1 + s)x (one read, and a write of the share s of "
+              "the values that change)")
 
 # fastclip's norm is exact to the rounding of its result: float64 sums, then one rounding.
 EXACT_RTOL = {torch.float64: 1e-10, torch.float32: 2.0 ** -22}
@@ -97,6 +99,24 @@ class NormCheck:
 
 
 @dataclass
+class ValueCheck:
+    """A ``clip_grad_value_`` step's grads against torch's ``clamp`` of the saved grads.
+
+    Attributes:
+        mismatched: values (over every grad) that differ from ``saved.clamp(-v, v)``.
+    """
+
+    method: str
+    step: str
+    clip_value: float
+    mismatched: int
+
+    @property
+    def ok(self) -> bool:
+        return self.mismatched == 0
+
+
+@dataclass
 class SetResult:
     name: str
     device: str
@@ -108,10 +128,21 @@ class SetResult:
     fastclip_backend: str
     rows: list[Row]
     checks: list[NormCheck]
+    value_checks: list[ValueCheck] = field(default_factory=list)
+    max_abs: float = math.nan
+    clamped_share: Optional[float] = None  # values the clamping step changes (when timed)
 
     @property
     def norms_agree(self) -> bool:
         return all(c.ok for c in self.checks)
+
+    @property
+    def values_agree(self) -> bool:
+        return all(c.ok for c in self.value_checks)
+
+    @property
+    def all_agree(self) -> bool:
+        return self.norms_agree and self.values_agree
 
     def row(self, method: str, step: Optional[str] = None) -> Optional[Row]:
         for r in self.rows:
@@ -123,9 +154,11 @@ class SetResult:
         d = asdict(self)
         for r, rd in zip(self.rows, d["rows"]):
             rd.update(median_ms=r.median_s * 1e3, gbps=r.gbps)
-        for c, cd in zip(self.checks, d["checks"]):
-            cd["ok"] = c.ok
+        oks = [c.ok for c in self.checks] + [c.ok for c in self.value_checks]
+        for ok, cd in zip(oks, d["checks"] + d["value_checks"]):
+            cd["ok"] = ok
         d["norms_agree"] = self.norms_agree
+        d["values_agree"] = self.values_agree
         return d
 
 
@@ -176,6 +209,13 @@ def operation(case: C.Case, gs: GradSet) -> Operation:
     method = C.METHODS[case.method]
     if case.kind == "norm-pass":
         return Operation(lambda: method.norm(gs.grads), gs.restore, n, method.label)
+    if case.step in C.VALUE_STEPS:
+        if method.clamp is None:
+            raise ValueError(f"method {case.method!r} has no clip_grad_value_ (its `clamp`)")
+        clamp, clip_value = method.clamp, C.VALUE_STEPS[case.step].clip_value(gs.max_abs)
+        nbytes = round(n * (1 + gs.share_clamped(clip_value))) if case.step == "clamping" \
+            else BYTES_PER_GRAD_BYTE[case.step] * n
+        return Operation(lambda: clamp(gs.params, clip_value), gs.restore, nbytes, method.label)
     step = cast(str, case.step)  # a "step" case names its step
     max_norm = C.STEPS[step].max_norm(gs.reference_norm)
     return Operation(lambda: method.clip(gs.params, max_norm), gs.restore,
@@ -230,13 +270,27 @@ def scale_error(gs: GradSet, max_norm: float, norm: float) -> float:
 _SCALE_SAMPLE = 1 << 20
 
 
+def check_values(method: str, step: str, gs: GradSet) -> ValueCheck:
+    """Compare every grad (after a ``clip_grad_value_`` step, before a restore) with torch's
+    ``clamp`` of its saved values, value for value."""
+    clip_value = C.VALUE_STEPS[step].clip_value(gs.max_abs)
+    mismatched = 0
+    for g, saved in zip(gs.grads, gs.saved):
+        expected = saved.clamp(-clip_value, clip_value)
+        mismatched += int((g.reshape(-1) != expected.reshape(-1)).sum())  # no NaN in the sets
+    return ValueCheck(method, step, clip_value, mismatched)
+
+
+
+
 def run_set(gs: GradSet, steps: Sequence[str], methods: Sequence[str], repeat: int, warmup: int,
             progress: Progress) -> SetResult:
-    """Time every case of ``cases.set_cases`` on ``gs``, and check each method's norm.
+    """Time every case of ``cases.set_cases`` on ``gs``, and check each method's norm (and,
+    after a ``clip_grad_value_`` step, every grad against torch's clamp).
 
     Args:
         gs: a materialized gradient set.
-        steps: ``STEPS`` keys.
+        steps: ``STEPS`` and ``VALUE_STEPS`` keys.
         methods: ``METHODS`` keys.
         repeat: timed calls per operation (the median is reported).
         warmup: untimed calls first (compilation, caches, allocator).
@@ -244,13 +298,16 @@ def run_set(gs: GradSet, steps: Sequence[str], methods: Sequence[str], repeat: i
     """
     rows: list[Row] = []
     checks: list[NormCheck] = []
+    value_checks: list[ValueCheck] = []
     for case in C.set_cases(gs.name, steps, methods):
         op = operation(case, gs)
         what = case.step or ("norm pass" if case.kind == "norm-pass" else "yardstick")
         progress.phase(f"{gs.name}: {what}, {op.label}")
         times, result = time_calls(op.fn, op.before, gs.sync, repeat, warmup, progress)
         norm = None
-        if case.kind in ("step", "norm-pass"):
+        if case.step in C.VALUE_STEPS:  # the grads still hold the last call's output
+            value_checks.append(check_values(case.method, case.step, gs))
+        elif case.kind in ("step", "norm-pass"):
             norm = float(cast(torch.Tensor, result))
             check = check_norm(case.method, case.step or case.kind, norm, gs)
             if case.step is not None:  # a step: the grads still hold the last call's output
@@ -259,8 +316,10 @@ def run_set(gs: GradSet, steps: Sequence[str], methods: Sequence[str], repeat: i
         rows.append(Row(case.kind, case.method, op.label, case.step, times, op.bytes_counted, norm))
     gs.restore()
     _derive(rows)
+    share = gs.share_clamped(C.VALUE_STEPS["clamping"].clip_value(gs.max_abs)) if "clamping" in steps else None
     return SetResult(gs.name, str(gs.device), str(gs.dtype).replace("torch.", ""), len(gs.grads),
-                     gs.numel, gs.nbytes, gs.reference_norm, _backend_name(gs.device), rows, checks)
+                     gs.numel, gs.nbytes, gs.reference_norm, _backend_name(gs.device), rows, checks,
+                     value_checks, gs.max_abs, share)
 
 
 def _derive(rows: list[Row]) -> None:
