@@ -17,6 +17,9 @@ Kernel 2, ``scale_kernel``: every block reads the coefficient from device memory
 from a norm there, for ``clip_grads_with_norm_``) and returns at once when it is >= 1, so a step
 that does not clip reads the grads once in all.
 
+``clamp_kernel`` (``clip_grad_value_``) reads the same 16-byte words and stores a word only when
+one of its values changes, so grads already within the bound are only read.
+
 Under ``NUMBA_ENABLE_CUDASIM=1`` the same kernel bodies run in numba's simulator; the few device
 primitives it cannot run (``@intrinsic``: address -> pointer, bit casts, 16-bit conversions,
 atomics on raw addresses) are swapped for numpy equivalents at import.
@@ -992,8 +995,8 @@ def _scale_thread(addr, code, start, stop, tid, c32, c64):
 
 @_kernel
 def clamp_kernel(table, n, nc, bound):
-    """Clamp every writable tensor to [-bound, bound]; stores only the elements that change
-    (the same comparisons as the CPU kernel, so the same results)."""
+    """Clamp every writable tensor to [-bound, bound]; stores only what changes (the same
+    comparisons as the CPU kernel, so the same results)."""
     tid = cuda.threadIdx.x
     tab = as_i64(table, 3 * n + 3 * nc + 1)
     c = cuda.blockIdx.x
@@ -1001,42 +1004,141 @@ def clamp_kernel(table, n, nc, bound):
         t = tab[2 * n + c]
         code = tab[n + t]
         if code < READONLY:
-            _clamp_thread(tab[t], code, tab[2 * n + nc + c] + tid, tab[2 * n + 2 * nc + c], bound)
+            _clamp_thread(tab[t], code, tab[2 * n + nc + c], tab[2 * n + 2 * nc + c], tid, bound)
         c += cuda.gridDim.x
 
 
 @_device
-def _clamp_thread(addr, code, j, stop, bound):
+def _beyond(v, b):
+    return v > b or v < -b
+
+
+@_device
+def _clamped(v, b):
+    """v clamped to [-b, b]; v itself (a NaN's payload, a zero's sign) when within."""
+    if v > b:
+        return b
+    if v < -b:
+        return -b
+    return v
+
+
+@_device
+def _clamp_bits16(bits, is_half, b32, hi, lo):
+    v = _decode16(bits, is_half)
+    if v > b32:
+        return hi
+    if v < -b32:
+        return lo
+    return bits
+
+
+@_device
+def _clamp_pair(u, is_half, b32, hi, lo):
+    return _pack16(_clamp_bits16(np.uint16(u & np.uint32(0xFFFF)), is_half, b32, hi, lo),
+                   _clamp_bits16(np.uint16(u >> np.uint32(16)), is_half, b32, hi, lo))
+
+
+@_device
+def _store_clamped_f32(addr, a0, a1, a2, a3, b32):
+    """Store the word loaded from ``addr`` clamped, if one of its values changes."""
+    if _beyond(a0, b32) or _beyond(a1, b32) or _beyond(a2, b32) or _beyond(a3, b32):
+        st_v4_f32(addr, _clamped(a0, b32), _clamped(a1, b32), _clamped(a2, b32), _clamped(a3, b32))
+
+
+@_device
+def _store_clamped_f64(addr, a0, a1, bound):
+    if _beyond(a0, bound) or _beyond(a1, bound):
+        st_v2_f64(addr, _clamped(a0, bound), _clamped(a1, bound))
+
+
+@_device
+def _store_clamped_16(addr, a0, a1, a2, a3, is_half, b32, hi, lo):
+    c0 = _clamp_pair(a0, is_half, b32, hi, lo)
+    c1 = _clamp_pair(a1, is_half, b32, hi, lo)
+    c2 = _clamp_pair(a2, is_half, b32, hi, lo)
+    c3 = _clamp_pair(a3, is_half, b32, hi, lo)
+    if c0 != a0 or c1 != a1 or c2 != a2 or c3 != a3:
+        st_v4_u32(addr, c0, c1, c2, c3)
+
+
+@_device
+def _clamp_thread(addr, code, start, stop, tid, bound):
+    """Clamp this thread's share of one chunk: 16-byte words when aligned (a word is stored
+    only when one of its values changes), the last partial word element by element, else every
+    element one by one. float32 and 16-bit values compare with float32(bound), float64 values
+    with bound; 16-bit values beyond it become the bound encoded in their dtype, with its sign."""
     b32 = np.float32(bound)
+    is_half = code == FLOAT16
+    hi = _encode16(b32, is_half)
+    lo = hi | np.uint16(0x8000)
+    if code == FLOAT32:
+        esize = 4
+    elif code == FLOAT64:
+        esize = 8
+    else:
+        esize = 2
+    base = addr + esize * start
+    per_word = 16 // esize
+    nw = (stop - start) // per_word
+    j = start + tid  # first element left to the scalar loop
+    if (base & 15) == 0:
+        w = tid
+        # Two words in flight per thread, as in the scale: both loads issue before either
+        # store (a store between them would hold the second load back: the compiler cannot
+        # tell that the two addresses differ).
+        if code == FLOAT32:
+            while w + _T < nw:
+                a0, a1, a2, a3 = ld_v4_f32(base + 16 * w)
+                b0, b1, b2, b3 = ld_v4_f32(base + 16 * (w + _T))
+                _store_clamped_f32(base + 16 * w, a0, a1, a2, a3, b32)
+                _store_clamped_f32(base + 16 * (w + _T), b0, b1, b2, b3, b32)
+                w += 2 * _T
+            if w < nw:
+                a0, a1, a2, a3 = ld_v4_f32(base + 16 * w)
+                _store_clamped_f32(base + 16 * w, a0, a1, a2, a3, b32)
+        elif code == FLOAT64:
+            while w + _T < nw:
+                a0, a1 = ld_v2_f64(base + 16 * w)
+                b0, b1 = ld_v2_f64(base + 16 * (w + _T))
+                _store_clamped_f64(base + 16 * w, a0, a1, bound)
+                _store_clamped_f64(base + 16 * (w + _T), b0, b1, bound)
+                w += 2 * _T
+            if w < nw:
+                a0, a1 = ld_v2_f64(base + 16 * w)
+                _store_clamped_f64(base + 16 * w, a0, a1, bound)
+        else:
+            while w + _T < nw:
+                a0, a1, a2, a3 = ld_v4_u32(base + 16 * w)
+                b0, b1, b2, b3 = ld_v4_u32(base + 16 * (w + _T))
+                _store_clamped_16(base + 16 * w, a0, a1, a2, a3, is_half, b32, hi, lo)
+                _store_clamped_16(base + 16 * (w + _T), b0, b1, b2, b3, is_half, b32, hi, lo)
+                w += 2 * _T
+            if w < nw:
+                a0, a1, a2, a3 = ld_v4_u32(base + 16 * w)
+                _store_clamped_16(base + 16 * w, a0, a1, a2, a3, is_half, b32, hi, lo)
+        j = start + per_word * nw + tid
     if code == FLOAT32:
         x = as_f32(addr, stop)
         while j < stop:
             v = x[j]
-            if v > b32:
-                x[j] = b32
-            elif v < -b32:
-                x[j] = -b32
+            if _beyond(v, b32):
+                x[j] = _clamped(v, b32)
             j += _T
     elif code == FLOAT64:
         y = as_f64(addr, stop)
         while j < stop:
-            w = y[j]
-            if w > bound:
-                y[j] = bound
-            elif w < -bound:
-                y[j] = -bound
+            w64 = y[j]
+            if _beyond(w64, bound):
+                y[j] = _clamped(w64, bound)
             j += _T
     else:
         h = as_u16(addr, stop)
-        is_half = code == FLOAT16
-        hi = _encode16(b32, is_half)
-        lo = hi | np.uint16(0x8000)
         while j < stop:
-            v = _decode16(h[j], is_half)
-            if v > b32:
-                h[j] = hi
-            elif v < -b32:
-                h[j] = lo
+            bits = h[j]
+            clamped = _clamp_bits16(bits, is_half, b32, hi, lo)
+            if clamped != bits:
+                h[j] = clamped
             j += _T
 
 

@@ -83,14 +83,24 @@ def test_power_sums_kernel_has_the_last_block_finalize(ptx):
     ("power_sums_kernel", ["ld.global.v4.f32", "ld.global.v4.u32", "ld.global.v2.f64"]),
     ("scale_kernel", ["ld.global.v4.f32", "ld.global.v4.u32", "ld.global.v2.f64",
                       "st.global.v4.f32", "st.global.v4.u32", "st.global.v2.f64"]),
+    ("clamp_kernel", ["ld.global.v4.f32", "ld.global.v4.u32", "ld.global.v2.f64",
+                      "st.global.v4.f32", "st.global.v4.u32", "st.global.v2.f64"]),
 ])
 def test_bulk_passes_move_16_bytes_per_instruction(ptx, name, instructions):
-    """The norm pass and the scale read (and write) grads in 16-byte vector accesses for every
+    """The norm pass, the scale and the clamp read (and write) grads in 16-byte vector accesses for every
     dtype (v4 of float32, v4 of 32-bit words holding two 16-bit values, v2 of float64): issue 3's
     bandwidth target counts on it, and a scalar fallback would still pass every other test."""
     text = ptx[name]
     missing = [i for i in instructions if i not in text]
     assert not missing, f"{name} has no {missing}"
+
+
+def test_clamp_kernel_keeps_nans(ptx):
+    """PTX's float min and max return the other operand when one is NaN: a clamp built on them
+    would turn a NaN grad into the bound, where torch's clamp (and the simulator, whose Python
+    min/max keep the NaN) leave it NaN. The clamp compares and selects instead."""
+    found = re.findall(r"\b(?:min|max)(?:\.\w+)*\.f(?:16|32|64)\b", ptx["clamp_kernel"])
+    assert not found, found
 
 
 def test_scale_kernel_rounds_16_bit_results_to_nearest_even(ptx):
