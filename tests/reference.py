@@ -152,3 +152,22 @@ def param_with_grad(grad: torch.Tensor) -> torch.Tensor:
 def random_grad(shape, dtype: torch.dtype, scale: float = 1.0, generator=None) -> torch.Tensor:
     """Normal values times ``scale``, drawn in float64 and rounded once to ``dtype``."""
     return (torch.randn(shape, dtype=torch.float64, generator=generator) * scale).to(dtype)
+
+
+# A quiet NaN with a payload of its own, per dtype (positive: it fits the signed INT_VIEW).
+NAN_PAYLOAD = {torch.float32: 0x7FC00123, torch.float64: 0x7FF8000000000123,
+               torch.float16: 0x7E01, torch.bfloat16: 0x7FC1}
+
+
+def clamp_test_values(dtype: torch.dtype, n: int, bound: float, device="cpu") -> torch.Tensor:
+    """n values of ``dtype`` for clamp tests: normals spread around ``bound`` (seeded by n), and
+    every 11th element from index 0 a NaN with ``NAN_PAYLOAD``, then +inf, -inf, +0.0, -0.0,
+    +bound and -bound, so most 16-byte words hold a value that changes next to values that must
+    keep their exact bits."""
+    g = torch.Generator().manual_seed(n)
+    t = (torch.randn(n, dtype=torch.float64, generator=g) * bound).to(dtype)
+    specials = [math.inf, -math.inf, 0.0, -0.0, bound, -bound]
+    for k, value in enumerate(specials):
+        t[k + 1::11] = torch.tensor(value, dtype=torch.float64).to(dtype)
+    t.view(INT_VIEW[dtype])[0::11] = NAN_PAYLOAD[dtype]
+    return t.to(device)

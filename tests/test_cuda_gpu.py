@@ -12,7 +12,8 @@ import os
 import pytest
 import torch
 
-from reference import assert_bitwise_equal, assert_norm_close, reference_coef
+from reference import (INT_VIEW, NAN_PAYLOAD, assert_bitwise_equal, assert_norm_close,
+                       clamp_test_values, reference_coef)
 
 import fastclip
 from fastclip._table import TensorTable
@@ -174,6 +175,28 @@ def test_16bit_scaling_matches_torch_on_all_patterns(C, dtype):
             C.scale_(TensorTable.from_tensors([ours], [dtype]), c)
             ref = (pats.float() * c).to(dtype)  # float32 multiply, round to nearest even
             assert_bitwise_equal(ours, ref, nan_bits=False)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64, F16, BF16])
+def test_clamp_equals_the_cpu_kernel_bit_for_bit(C, dtype):
+    """clip_grad_value_ on the GPU: 16-byte words where a chunk is aligned (two per thread per
+    round), element by element elsewhere. The CPU kernel's bits (NaN payloads and zero signs
+    kept, the bound in the grad's dtype), torch's values. Only a GPU shows whether a NaN next to
+    a clamped value survives its word's store: the simulator's Python compares keep it either way."""
+    bound = 1.3
+    base = clamp_test_values(dtype, 300_001, bound)  # several 64K chunks, a partial word at the end
+    misaligned = torch.zeros(base.numel() + 1, dtype=dtype, device="cuda")[1:]
+    misaligned.copy_(base)
+    on_gpu = [base.cuda(), misaligned]
+    on_cpu = [base.clone(), base.clone()]
+    expected = [t.clone().clamp_(min=-bound, max=bound) for t in on_gpu]
+    fastclip.clip_grad_value_(_params(on_gpu), bound)
+    fastclip.clip_grad_value_(_params(on_cpu), bound)
+    for g, c, e in zip(on_gpu, on_cpu, expected):
+        assert_bitwise_equal(g.cpu(), c)
+        assert_bitwise_equal(g, e, nan_bits=False)
+        assert (g.view(INT_VIEW[dtype])[0::11] == NAN_PAYLOAD[dtype]).all()
+    assert not torch.equal(on_cpu[0], base)  # negative control: values were clamped
 
 
 def test_bitwise_deterministic_for_any_grid(C, monkeypatch):

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from fastclip.kernels.layout import NORM_INF, NORM_L1, NORM_L2, NORM_POWER
+from reference import ALL_DTYPES
 
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 needs_sim = pytest.mark.skipif(not SIM, reason="runs in the simulator child process "
@@ -43,8 +44,8 @@ def test_simulator_suite():
 
 
 if SIM:
-    from reference import (assert_bitwise_equal, exact_power_sum, reference_clip_,
-                           reference_coef, tensor_power_sum)
+    from reference import (INT_VIEW, NAN_PAYLOAD, assert_bitwise_equal, clamp_test_values,
+                           exact_power_sum, reference_clip_, reference_coef, tensor_power_sum)
 
     import fastclip
     from fastclip import _cpu, _cuda, _plan
@@ -1053,52 +1054,31 @@ def test_clamp_to_zero_keeps_the_sign_of_zeros_like_torch():
 
 # --- the clamp's 16-byte words ---------------------------------------------------------------
 
-_CLAMP_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_NAN_BITS = {torch.float32: (0x7FC00123, torch.int32), torch.float64: (0x7FF8000000000123, torch.int64),
-             torch.float16: (0x7E01, torch.int16), torch.bfloat16: (0x7FC1, torch.int16)}
-
-
-def _clamp_inputs(dtype, n: int, bound: float) -> torch.Tensor:
-    """n values of ``dtype``: normals spread around ``bound``, with a NaN carrying a payload,
-    +-inf, +-0.0 and +-bound itself every few elements, so most 16-byte words hold a value
-    that changes next to values that must keep their exact bits."""
-    g = torch.Generator().manual_seed(n)
-    t = (torch.randn(n, dtype=torch.float64, generator=g) * bound).to(dtype)
-    specials = torch.tensor([math.inf, -math.inf, 0.0, -0.0, bound, -bound], dtype=torch.float64).to(dtype)
-    for k, value in enumerate(specials):
-        t[k + 1::11] = value
-    payload, as_int = _NAN_BITS[dtype]
-    t.view(as_int)[0::11] = payload - (1 << (8 * t.element_size())) if payload >= 1 << (8 * t.element_size() - 1) \
-        else payload
-    return t
-
-
 @needs_sim
-@pytest.mark.parametrize("dtype", _CLAMP_DTYPES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
 def test_clamp_words_match_the_cpu_kernel_bit_for_bit(dtype):
     """Aligned chunks go through the 16-byte words (two per thread per round, then one), the rest
     element by element; misaligned twins take the element path throughout. Every path gives the
     CPU kernel's bits (NaN payloads and zero signs kept, values beyond the bound set to it) and
     torch's values."""
     bound = 1.3
-    base = _clamp_inputs(dtype, 1000, bound)  # chunks of 300: words in both loops, and a tail
+    base = clamp_test_values(dtype, 1000, bound)  # chunks of 300: words in both loops, and a tail
     tensors = [base.clone(), _misaligned(base, 1), base[:7].clone()]
     cpu = [t.clone() for t in tensors]
     ref = [t.clone().clamp_(min=-bound, max=bound) for t in tensors]
     _cuda.clamp_(_table(tensors), bound)
     _cpu.clamp_(_table(cpu), bound)
-    payload, as_int = _NAN_BITS[dtype]
     for t, c, r in zip(tensors, cpu, ref):
         assert_bitwise_equal(t, c)
         assert_bitwise_equal(t, r, nan_bits=False)
-        nan_bits = t.view(as_int)[0::11].to(torch.int64) & ((1 << (8 * t.element_size())) - 1)
-        assert (nan_bits == payload).all()  # the NaN's own bits, though its word was stored
+        # the NaN's own bits, though its word was stored
+        assert (t.view(INT_VIEW[dtype])[0::11] == NAN_PAYLOAD[dtype]).all()
     assert torch.signbit(tensors[0][4::11]).all() and not torch.signbit(tensors[0][3::11]).any()
     assert not torch.equal(tensors[0], base)  # negative control: the clamp changed values
 
 
 @needs_sim
-@pytest.mark.parametrize("dtype", _CLAMP_DTYPES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
 def test_clamp_stores_nothing_when_nothing_changes(monkeypatch, dtype):
     """A clamp whose bound no value exceeds writes no word and no element (grads that stay in
     range are only read). Every store the kernel can make is made to fail; then a bound that
