@@ -281,8 +281,6 @@ def check_values(method: str, step: str, gs: GradSet) -> ValueCheck:
     return ValueCheck(method, step, clip_value, mismatched)
 
 
-
-
 def run_set(gs: GradSet, steps: Sequence[str], methods: Sequence[str], repeat: int, warmup: int,
             progress: Progress) -> SetResult:
     """Time every case of ``cases.set_cases`` on ``gs``, and check each method's norm (and,
