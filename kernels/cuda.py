@@ -921,18 +921,24 @@ def _scale_pair(u, is_half, c32):
 
 
 @_device
-def _scale_thread(addr, code, start, stop, tid, c32, c64):
-    """Scale this thread's share of one chunk: 16-byte words when aligned, two in flight (the
-    last partial word element by element), else every element one by one."""
+def _words(addr, code, start, stop):
+    """A chunk's 16-byte words: the address of its first element, elements per word, and the
+    number of whole words (the write kernels' shared geometry)."""
     if code == FLOAT32:
         esize = 4
     elif code == FLOAT64:
         esize = 8
     else:
         esize = 2
-    base = addr + esize * start
     per_word = 16 // esize
-    nw = (stop - start) // per_word
+    return addr + esize * start, per_word, (stop - start) // per_word
+
+
+@_device
+def _scale_thread(addr, code, start, stop, tid, c32, c64):
+    """Scale this thread's share of one chunk: 16-byte words when aligned, two in flight (the
+    last partial word element by element), else every element one by one."""
+    base, per_word, nw = _words(addr, code, start, stop)
     j = start + tid  # first element left to the scalar loop
     if (base & 15) == 0:
         w = tid
@@ -1072,15 +1078,7 @@ def _clamp_thread(addr, code, start, stop, tid, bound):
     is_half = code == FLOAT16
     hi = _encode16(b32, is_half)
     lo = hi | np.uint16(0x8000)
-    if code == FLOAT32:
-        esize = 4
-    elif code == FLOAT64:
-        esize = 8
-    else:
-        esize = 2
-    base = addr + esize * start
-    per_word = 16 // esize
-    nw = (stop - start) // per_word
+    base, per_word, nw = _words(addr, code, start, stop)
     j = start + tid  # first element left to the scalar loop
     if (base & 15) == 0:
         w = tid
