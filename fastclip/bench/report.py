@@ -224,7 +224,8 @@ def plot(path: str, results: Sequence[SetResult], title: str = "") -> None:
             ax.bar_label(bars, fmt="%.2f", fontsize=7)
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_xticks(x, [r.name for r in results])
-        ax.set_title(f"{step} step", fontsize=10)
+        function = "clip_grad_value_" if step in C.VALUE_STEPS else "clip_grad_norm_"
+        ax.set_title(f"{function}: {step} step", fontsize=10)
         ax.set_ylabel("speedup vs torch foreach=True", fontsize=8)
         ax.margins(y=0.15)
     handles, labels = axes[0][0].get_legend_handles_labels()
