@@ -159,7 +159,7 @@ NAN_PAYLOAD = {torch.float32: 0x7FC00123, torch.float64: 0x7FF8000000000123,
                torch.float16: 0x7E01, torch.bfloat16: 0x7FC1}
 
 
-def clamp_test_values(dtype: torch.dtype, n: int, bound: float, device="cpu") -> torch.Tensor:
+def clamp_test_values(dtype: torch.dtype, n: int, bound: float) -> torch.Tensor:
     """n values of ``dtype`` for clamp tests: normals spread around ``bound`` (seeded by n), and
     every 11th element from index 0 a NaN with ``NAN_PAYLOAD``, then +inf, -inf, +0.0, -0.0,
     +bound and -bound, so most 16-byte words hold a value that changes next to values that must
@@ -170,4 +170,4 @@ def clamp_test_values(dtype: torch.dtype, n: int, bound: float, device="cpu") ->
     for k, value in enumerate(specials):
         t[k + 1::11] = torch.tensor(value, dtype=torch.float64).to(dtype)
     t.view(INT_VIEW[dtype])[0::11] = NAN_PAYLOAD[dtype]
-    return t.to(device)
+    return t

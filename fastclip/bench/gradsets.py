@@ -64,8 +64,7 @@ class GradSet:
         once per bound). Not quite those with |x| > bound: in a 16-bit dtype a value equal to the
         bound rounded up to that dtype is beyond the bound, yet its clamp leaves it as it is."""
         if bound not in self._shares:
-            changed = sum(int((s != s.clamp(-bound, bound)).sum()) for s in self.saved)
-            self._shares[bound] = changed / max(self.numel, 1)
+            self._shares[bound] = share_clamped(self.saved, bound)
         return self._shares[bound]
 
     def restore(self) -> None:
@@ -152,6 +151,12 @@ def _finish(name: str, params: Sequence[torch.Tensor], seed: int) -> GradSet:
     gs.reference_norm = reference_norm(grads)
     gs.max_abs = max_abs(grads)
     return gs
+
+
+def share_clamped(tensors: Sequence[torch.Tensor], bound: float) -> float:
+    """The share of the values of ``tensors`` that torch's ``clamp(-bound, bound)`` changes."""
+    changed = sum(int((t != t.clamp(-bound, bound)).sum()) for t in tensors)
+    return changed / max(sum(t.numel() for t in tensors), 1)
 
 
 def max_abs(grads: Sequence[torch.Tensor]) -> float:
