@@ -97,7 +97,10 @@ def root(total: float, p: float) -> float:
         return math.sqrt(total)
     if p == 1.0 or p == math.inf:
         return total
-    return total ** (1.0 / p)
+    try:
+        return total ** (1.0 / p)
+    except OverflowError:  # a small p: Python raises where torch's pow (and tensor_root) give inf
+        return math.inf
 
 
 def tensor_root(total: torch.Tensor, p: float) -> torch.Tensor:

@@ -141,3 +141,36 @@ def test_version_bumps_without_list_support(monkeypatch):
     ts = [torch.zeros(2), torch.zeros(3)]
     mark_written(ts)
     assert [t._version for t in ts] == [1, 1]
+
+
+# --- a norm beyond float64's range ------------------------------------------------------------------
+
+OVERFLOWING_NORMS = [
+    (0.01, lambda: torch.ones(2000)),  # 2000 ** 100
+    (1e-10, lambda: torch.ones(3)),
+    (0.5, lambda: torch.full((4,), 1e308, dtype=torch.float64)),  # (4 * 1e154) ** 2
+]
+
+
+@pytest.mark.parametrize("p, values", OVERFLOWING_NORMS)
+def test_a_norm_beyond_float64_is_inf_like_torch(p, values):
+    """The root of a finite float64 power sum can exceed float64: torch's pow gives inf, where
+    Python's ``**`` on floats raises OverflowError."""
+    expected = torch.nn.utils.get_total_norm([values()], p)
+    assert torch.isinf(expected)
+    norm = fastclip.get_total_norm([values()], p)
+    assert_bitwise_equal(norm, expected)
+    ours, theirs = [param_with_grad(values())], [param_with_grad(values())]
+    assert_bitwise_equal(fastclip.clip_grad_norm_(ours, 1.0, p), torch.nn.utils.clip_grad_norm_(theirs, 1.0, p))
+    assert_bitwise_equal(ours[0].grad, theirs[0].grad)  # scaled by 1 / inf: zeros
+
+
+def test_negative_control_the_overflowing_sums_themselves_are_finite():
+    """The cases above overflow in the root, not in the sum: the sums are finite float64."""
+    from reference import exact_power_sum
+
+    for p, values in OVERFLOWING_NORMS:
+        total = exact_power_sum([values()], p)
+        assert total < float("inf")
+        with pytest.raises(OverflowError):
+            total ** (1.0 / p)
