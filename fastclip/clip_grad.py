@@ -52,8 +52,17 @@ def clip_coefficient(max_norm: Union[float, torch.Tensor], total_norm: torch.Ten
     """
     inverse = (total_norm + 1e-6).reciprocal()
     if isinstance(max_norm, torch.Tensor):
-        max_norm = max_norm.to(device=inverse.device, dtype=inverse.dtype)
+        # torch multiplies by float(max_norm), a Python number, which a multiply applies in its
+        # op math: float32 for a 16-bit norm, rounded once to the norm's dtype. A device tensor
+        # is never read back: the same op math by tensor ops (rounding max_norm to 16 bits first
+        # would round twice).
+        op_math = _OP_MATH.get(inverse.dtype, inverse.dtype)
+        max_norm = max_norm.to(device=inverse.device, dtype=op_math)
+        return torch.clamp((inverse.to(op_math) * max_norm).to(inverse.dtype), max=1.0)
     return torch.clamp(inverse * max_norm, max=1.0)
+
+
+_OP_MATH = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
 
 
 _HOST_DTYPES: dict[torch.dtype, type[np.floating]] = {torch.float32: np.float32, torch.float64: np.float64}

@@ -202,6 +202,34 @@ def test_coefficient_is_torchs():
                 assert_bitwise_equal(clip_coefficient(max_norm, t), reference_coef(max_norm, t))
 
 
+def _random_max_norms_and_totals(norm_dtype, max_norm_dtype, n=300):
+    g = torch.Generator().manual_seed(0)
+    for _ in range(n):
+        total = torch.rand((), generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-3, 5, (), generator=g)
+        max_norm = torch.rand((), generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-2, 4, (), generator=g)
+        yield max_norm.to(max_norm_dtype), total.to(norm_dtype)
+
+
+@pytest.mark.parametrize("max_norm_dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm_dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_coefficient_of_a_tensor_max_norm_is_torchs(norm_dtype, max_norm_dtype):
+    """A device-resident ``max_norm`` stays a tensor (no sync); torch reads it as
+    ``float(max_norm)``, which a 16-bit norm's multiply applies in float32."""
+    for max_norm, total in _random_max_norms_and_totals(norm_dtype, max_norm_dtype):
+        assert_bitwise_equal(clip_coefficient(max_norm, total), reference_coef(float(max_norm), total))
+
+
+def test_negative_control_a_max_norm_rounded_to_16_bits_first_differs():
+    """The test above is not vacuous: rounding ``max_norm`` to the norm's 16-bit dtype before
+    the multiply (one rounding too many) changes some coefficients."""
+    differs = 0
+    for dtype in (torch.float16, torch.bfloat16):
+        for max_norm, total in _random_max_norms_and_totals(dtype, torch.float64):
+            rounded_first = torch.clamp((total + 1e-6).reciprocal() * max_norm.to(dtype), max=1.0)
+            differs += not torch.equal(rounded_first, reference_coef(float(max_norm), total))
+    assert differs > 20
+
+
 @pytest.mark.parametrize("norm_type", [2.0, 1.0, "inf", 3.0, 0.5])
 def test_clip_grad_norm_scales_like_torch_for_the_same_norm(norm_type):
     grads = grad_set(4.0)
