@@ -3,7 +3,8 @@
 torch's sequence reads the grads three times and writes them twice (unscale, norm, clip). Here
 one read pass gives the float64 power sum of the *scaled* grads, from which come both the
 inf/NaN check (a non-finite sum) and the unscaled norm (root of the sum, times ``1/scale``);
-one read+write pass then multiplies every grad by ``(1/scale) * coef``.
+one read+write pass then multiplies every grad by ``(1/scale) * coef``. That is for p = 1, 2 and
+inf; other p unscale first, as torch does (see ``fuses_unscale``).
 
 The found-inf flags go into the ``GradScaler`` exactly where ``scaler.unscale_`` puts them, so
 ``scaler.step`` and ``scaler.update`` behave as after torch's sequence. On a GPU nothing is read
@@ -95,6 +96,17 @@ def nonfinite_flag(total, device: torch.device) -> torch.Tensor:
     return torch.logical_not(torch.isfinite(total)).to(torch.float32)
 
 
+def fuses_unscale(p: float) -> bool:
+    """Whether the read pass may take the norm from the *scaled* grads' power sum.
+
+    For p = 1, 2 and inf that sum overflows float64 only for grads beyond ~1e149 (float64 ones).
+    For a larger p, |scale * g| ** p overflows far sooner (p = 60 at scale 2**16 and |g| = 3)
+    and would pass for an inf/NaN grad, zeroing finite grads and skipping the step; and for any
+    other p, libm's ``pow`` does not scale exactly. Those p unscale first, as torch does.
+    """
+    return p == 2.0 or p == 1.0 or p == math.inf
+
+
 def plan_grads(params: list, fn: str):
     """The grads of ``params`` as the kernels see them: (local grads, group, plan or None).
 
@@ -171,9 +183,9 @@ def unscale_and_clip_(
     With a power-of-two scale (GradScaler's default growth and backoff) and p = 1, 2 or inf, the
     grads and the norm are bit-identical to ``scaler.unscale_(optimizer);
     fastclip.clip_grad_norm_(params, ...)`` (on the CPU also when the scale is below 1 or the
-    coefficient below ~1e-33, which take two write passes there). For other p the norm is the
-    p-th root of the scaled grads' power sum times ``1/scale``, which can differ from the root of
-    the unscaled grads' sum in the last bits (libm's ``pow`` does not scale exactly).
+    coefficient below ~1e-33, which take two write passes there). Other p take torch's
+    sequence, ``scaler.unscale_`` then the clip (three passes): the power sum of the scaled
+    grads would overflow float64 for a large p, where the unscaled grads' does not.
 
     DTensor grads (FSDP2) are clipped by their global norm, like ``clip_grad_norm_``; their
     found-inf flag is then global too (one rank's inf skips the step on every rank), where
@@ -226,6 +238,11 @@ def unscale_and_clip_planned(scaler, optimizer, state, grads, group, plan, max_n
     if plan is None:  # no grads, or a device/dtype without a kernel: torch's own sequence
         scaler.unscale_(optimizer)
         return clip_grad_norm_(optimizer_params(optimizer), max_norm, p)
+    if not fuses_unscale(p):  # torch's unscale, then the clip on the same plan
+        scaler.unscale_(optimizer)
+        norm = plan.total_norm(p, group=group)
+        plan.scale_(clip_coefficient(max_norm, norm))
+        return norm
     inv_scale = inv_scale_of(scaler)
     norm, found = scaled_pass(plan, p, inv_scale, group)
     unscale_clip_grads_(plan, inv_scale, clip_coefficient(max_norm, norm))

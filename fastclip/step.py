@@ -21,8 +21,8 @@ from torch.amp.grad_scaler import GradScaler, OptState
 from fastclip._compile import entry_point
 from fastclip import _validate as V
 from fastclip._plan import Plan
-from fastclip.amp import (check_no_fp16, check_optimizer, check_scaler, inv_scale_of, optimizer_params,
-                          plan_grads, scale_of, scaled_pass, unscale_and_clip_planned,
+from fastclip.amp import (check_no_fp16, check_optimizer, check_scaler, fuses_unscale, inv_scale_of,
+                          optimizer_params, plan_grads, scale_of, scaled_pass, unscale_and_clip_planned,
                           unscale_clip_grads_)
 from fastclip.clip_grad import clip_coefficient, clip_grad_norm_
 
@@ -176,6 +176,9 @@ def clip_and_step(
         return norm
     if state["stage"] is OptState.READY:
         check_no_fp16(grads, _FN, plan)
+        if not fuses_unscale(p):
+            scaler.unscale_(optimizer)  # torch's unscale (see fuses_unscale): the stage is UNSCALED
+    if state["stage"] is OptState.READY:
         inv_scale = inv_scale_of(scaler)
         norm, found = scaled_pass(plan, p, inv_scale, group)
         state["found_inf_per_device"] = found

@@ -364,3 +364,53 @@ def test_extreme_factors_stay_bitwise_equal_to_unscale_then_clip(grads, init_sca
     assert_bitwise_equal(norm_a, norm_b)
     assert float(found_a) == float(found_b)
     assert_bitwise_equal(grad_a, grad_b)
+
+
+# --- other p: torch's unscale first (the scaled grads' power sum can overflow) -----------------------
+
+def _amp_step(unscale_and_clip, p, values=(3.0, 1.0, 0.5, 0.1)):
+    """One AMP step of one parameter whose unscaled grad is ``values``: (norm, found-inf sum,
+    grad after the clip, param after the step, next scale)."""
+    w = torch.zeros(len(values), requires_grad=True)
+    opt = torch.optim.SGD([w], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")  # scale 2**16
+    scaler.scale((w * torch.tensor(values)).sum()).backward()
+    norm = unscale_and_clip(scaler, opt, 1.0, p)
+    found = sum(float(f) for f in scaler._per_optimizer_states[id(opt)]["found_inf_per_device"].values())
+    grad = w.grad.clone()
+    scaler.step(opt)
+    scaler.update()
+    return norm, found, grad, w.detach().clone(), scaler.get_scale()
+
+
+@pytest.mark.parametrize("p", [60.0, 3.0, 0.5])
+def test_other_p_is_unscale_then_clip_bit_for_bit(p):
+    """At p = 60 and scale 2**16, |scale * 3| ** 60 overflows float64 while the unscaled grads'
+    norm is 3: finite grads must not be taken for inf (zeroed, the step skipped, the scale
+    halved). Every p other than 1, 2 and inf gives torch's sequence, bit for bit."""
+    def unscale_then_clip(scaler, opt, max_norm, p):
+        scaler.unscale_(opt)
+        return fastclip.clip_grad_norm_(opt.param_groups[0]["params"], max_norm, p)
+
+    ours = _amp_step(fastclip.unscale_and_clip_, p)
+    ref = _amp_step(unscale_then_clip, p)
+    assert ours[1] == ref[1] == 0.0 and ours[4] == ref[4] == 65536.0
+    for a, b in zip(ours[:1] + ours[2:4], ref[:1] + ref[2:4]):
+        assert_bitwise_equal(a, b)
+    assert float(ours[0]) == pytest.approx(torch.linalg.vector_norm(torch.tensor([3.0, 1.0, 0.5, 0.1]), p).item())
+
+
+def test_negative_control_the_scaled_power_sum_overflows_at_p_60():
+    """The case above is not vacuous: the scaled grads' float64 power sum is inf at p = 60."""
+    from fastclip._plan import Plan
+
+    scaled = torch.tensor([3.0, 1.0, 0.5, 0.1]) * 2.0 ** 16
+    total = Plan.build([scaled], "t", "tensors").power_sums(60.0)[0].total
+    assert total == math.inf
+    assert math.isfinite(fastclip.get_total_norm([scaled / 2.0 ** 16], 60.0).item())
+
+
+@pytest.mark.parametrize("p", [3.0, 60.0])
+def test_other_p_training_run_is_unscale_then_clip(p):
+    ours, ref = _run(_fastclip_sequence, p=p)
+    _assert_runs_bitwise_equal(ours, ref)

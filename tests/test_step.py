@@ -427,3 +427,28 @@ def test_the_amp_divisor_is_rounded_once():
         ulp = float(torch.nextafter(divisor, torch.tensor(math.inf)) - divisor)  # float32's ulp
         worst = max(worst, float(abs(Fraction(float(divisor)) - exact) / Fraction(ulp)))
     assert worst <= 0.5 * (1 + 2.0 ** -20), worst
+
+
+@pytest.mark.parametrize("name", ["adamw-fused", "sgd-fused", "sgd"])
+def test_a_large_p_with_amp_steps_on_finite_grads(name):
+    """At p = 60 and scale 2**16 the scaled grads' float64 power sum overflows (see test_amp):
+    clip_and_step unscales first, so the finite grads are clipped and the step is taken."""
+    runs = []
+    for ours in (True, False):
+        w = torch.nn.Parameter(torch.zeros(4))
+        opt = OPTIMIZERS[name]([w])
+        scaler = torch.amp.GradScaler("cpu")
+        scaler.scale((w * torch.tensor([3.0, 1.0, 0.5, 0.1])).sum()).backward()
+        if ours:
+            norm = fastclip.clip_and_step(opt, MAX_NORM, 60.0, scaler=scaler)
+        else:
+            scaler.unscale_(opt)
+            norm = fastclip.clip_grad_norm_([w], MAX_NORM, 60.0)
+            scaler.step(opt)
+        scaler.update()
+        runs.append((norm, w.detach().clone(), scaler.get_scale()))
+    (norm, w, scale), (ref_norm, ref_w, ref_scale) = runs
+    assert torch.equal(norm, ref_norm) and math.isfinite(float(norm))
+    assert scale == ref_scale == 65536.0  # no backoff: nothing was taken for inf
+    assert w.abs().sum() > 0  # the step was taken
+    torch.testing.assert_close(w, ref_w, rtol=1e-6, atol=0)
