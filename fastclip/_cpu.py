@@ -109,10 +109,10 @@ def scale_(table: TensorTable, coef: float, coef_dtype: torch.dtype = torch.floa
     A coefficient >= 1 means torch would multiply by exactly 1: nothing changes, so nothing is
     written. NaN (from a NaN norm) is not >= 1 and is applied, as torch does.
     """
-    table.check_writable()  # torch's mul_ refuses an expanded grad whatever the coefficient
+    by_torch = tuple(table.strided) + table.promoted_scalars(coef_dtype)
+    table.check_writable(by_torch)  # torch's mul_ refuses those whatever the coefficient
     if coef >= 1.0:
         return
-    by_torch = tuple(table.strided) + table.promoted_scalars(coef_dtype)
     chunks = _chunks(table, by_torch)
     if chunks.group_bounds.shape[0] > 2 and table.overlapping(by_torch).size:
         # The same memory listed twice (e.g. one grad passed twice) is scaled twice by torch, one

@@ -481,8 +481,8 @@ def scale_(table: TensorTable, coef: torch.Tensor, always: bool = False) -> None
     """Multiply every tensor by the 0-d ``coef`` (on this device) in place, with torch's
     ``mul_`` rounding. The kernel reads coef on the device and does nothing when it is >= 1,
     unless ``always`` (a factor that may exceed 1: AMP's unscale)."""
-    table.check_writable()  # before the kernel: a failing call changes no grad
     entry = device_table(table)
+    table.check_writable(entry.torch_written)  # before the kernel: a failing call changes no grad
     if not isinstance(coef, torch.Tensor):  # a host number (the simulator's CPU "device")
         coef = torch.tensor(float(coef), dtype=torch.float64, device=entry.device)
     if coef.dtype != torch.float32 and coef.dtype != torch.float64:
@@ -498,8 +498,8 @@ def scale_(table: TensorTable, coef: torch.Tensor, always: bool = False) -> None
 
 def clamp_(table: TensorTable, bound: float) -> None:
     """Clamp every tensor to ``[-bound, bound]`` in place."""
-    table.check_writable()
     entry = device_table(table)
+    table.check_writable(entry.torch_written)
     _clamp(entry, (entry.table, entry.n, entry.nc, float(bound)))
     mark_written(table.tensors)
     for i in entry.torch_written:
@@ -531,8 +531,8 @@ def fused_clip_(table: TensorTable, p: float, max_norm: float, dtype: torch.dtyp
     """``clip_grad_norm_`` in two launches: kernel 1 writes the norm and torch's coefficient
     (to the table's scratch), kernel 2 reads the coefficient and scales, or returns at once
     when it is 1. Returns the norm (0-d, ``dtype``)."""
-    table.check_writable()  # torch's _foreach_mul_ refuses expanded grads whatever the norm
     entry = device_table(table)
+    table.check_writable(entry.torch_written)  # torch's _foreach_mul_ refuses those whatever the norm
     norm = torch.empty((), dtype=dtype, device=entry.device)
     is_f64 = dtype == torch.float64
     coef_addr = entry.scratch + 8 * K.SCRATCH_COEF
@@ -568,8 +568,8 @@ def fused_clip_with_norm_(table: TensorTable, max_norm: float, total_norm: torch
     """
     if total_norm.dtype != torch.float32 and total_norm.dtype != torch.float64:
         return False
-    table.check_writable()  # before the kernel: a failing call changes no grad
     entry = device_table(table)
+    table.check_writable(entry.torch_written)  # before the kernel: a failing call changes no grad
     if entry.torch_written or total_norm.device != entry.device or _inside_a_tensor(table, total_norm):
         return False
     mode = K.SCALE_FROM_NORM | (K.SCALE_F64 if total_norm.dtype == torch.float64 else 0)

@@ -132,18 +132,33 @@ class TensorTable:
         ones = np.flatnonzero((self.lengths == 1) & (self.codes != FLOAT64))
         return tuple(int(i) for i in ones if self.tensors[i].dim() == 0)
 
-    def check_writable(self) -> None:
-        """Raise before any write when torch would refuse to write a strided tensor in place (an
-        expanded view: several elements at one address), so a failing call changes no grad."""
+    def check_writable(self, by_torch=()) -> None:
+        """Raise before any write when torch would refuse to write in place a tensor that it
+        writes after the kernels (the strided ones, and ``by_torch``), so that a failing call
+        changes no grad: an expanded view (several elements at one address), or an inference
+        tensor outside inference mode. (The kernels write dense inference tensors, which torch's
+        own in-place ops refuse; torch's clip_grad_norm_ writes them, then raises.)"""
         for i in self.strided:
             t = self.tensors[i]
             if any(s == 0 and n > 1 for s, n in zip(t.stride(), t.shape)):
-                index = i if self.positions is None else self.positions[i]
                 raise RuntimeError(
-                    f"{self.fn}: grad {index} of `{self.arg}` (counting only the tensors that have "
-                    f"one) is an expanded view (stride {tuple(t.stride())}): several of its "
+                    f"{self.fn}: grad {self._index(i)} of `{self.arg}` (counting only the tensors that "
+                    f"have one) is an expanded view (stride {tuple(t.stride())}): several of its "
                     "elements share one memory location, so it cannot be written in place. Give it "
                     "its own memory first (p.grad = p.grad.clone()).")
+        written = set(self.strided).union(by_torch)
+        if written and not torch.is_inference_mode_enabled():
+            for i in sorted(written):
+                if self.tensors[i].is_inference():
+                    raise RuntimeError(
+                        f"{self.fn}: grad {self._index(i)} of `{self.arg}` (counting only the tensors "
+                        "that have one) is an inference tensor (made under torch.inference_mode()) "
+                        "that torch must write (a sliced view, a 0-d grad, or memory listed twice), "
+                        "and torch refuses to update inference tensors in place outside inference "
+                        "mode. Clone it first (p.grad = p.grad.clone()).")
+
+    def _index(self, i: int) -> int:
+        return i if self.positions is None else self.positions[i]
 
     def overlapping(self, skip=()) -> np.ndarray:
         """Indices of the tensors written through the table (all but the strided ones and

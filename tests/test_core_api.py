@@ -456,6 +456,42 @@ def test_an_expanded_dim_of_two_is_refused_before_any_write(call):
     assert_bitwise_equal(other.grad, before)
 
 
+def _inference_grad(kind: str) -> torch.Tensor:
+    """An inference tensor (made under ``torch.inference_mode()``) that torch must write: a
+    sliced view (the kernels read a copy), or a 0-d grad under a float64 coefficient."""
+    with torch.inference_mode():
+        if kind == "sliced":
+            return torch.full((8,), 40.0)[::2]
+        return torch.tensor(40.0)
+
+
+INFERENCE_CALLS = {"clip_grad_norm_": (1e-3,), "clip_grads_with_norm_": (1e-3, torch.tensor(100.0, dtype=torch.float64)),
+                   "clip_grad_value_": (1e-3,)}
+
+
+@pytest.mark.parametrize("call, kind", [(call, "sliced") for call in INFERENCE_CALLS] +
+                         [("clip_grad_norm_", "0-d"), ("clip_grads_with_norm_", "0-d")])
+def test_an_inference_grad_torch_must_write_is_refused_before_any_write(call, kind):
+    """torch refuses in-place updates of inference tensors outside inference mode; the grads it
+    writes after the kernels (sliced views; 0-d grads under a float64 coefficient, which
+    clip_grad_value_ leaves to its kernel) are checked first, so the kernels write nothing."""
+    other = param_with_grad(random_grad((1000,), torch.float64 if kind == "0-d" else torch.float32, 10.0))
+    before = other.grad.clone()
+    params = [other, param_with_grad(_inference_grad(kind))]
+    with pytest.raises(RuntimeError, match=rf"^{call}: grad 1 of `parameters` .* inference tensor"):
+        getattr(fastclip, call)(params, *INFERENCE_CALLS[call])
+    assert_bitwise_equal(other.grad, before)
+    with torch.inference_mode():  # where torch may write them, so may fastclip
+        getattr(fastclip, call)(params, *INFERENCE_CALLS[call])
+    assert not torch.equal(other.grad, before)
+
+
+def test_negative_control_torch_refuses_an_inference_grad():
+    """The refusal above is torch's: its own clip of a sliced inference grad raises."""
+    with pytest.raises(RuntimeError, match="inference tensor"):
+        torch.nn.utils.clip_grad_value_([param_with_grad(_inference_grad("sliced"))], 1e-3)
+
+
 def test_a_size_one_dim_with_stride_zero_is_not_an_expanded_view():
     """A stride of 0 on a dimension of size 1 shares no memory: such a (sliced) grad is clipped
     in place like torch clips it."""

@@ -478,6 +478,19 @@ def test_expanded_grad_is_refused_before_any_write(C):
         assert_bitwise_equal(g, b)
 
 
+def test_inference_grad_listed_twice_is_refused_before_any_write(C):
+    """torch writes the second listing after the kernels, and refuses to update an inference
+    tensor in place: the call refuses first."""
+    with torch.inference_mode():
+        shared = torch.randn(64, device="cuda")
+    grads = _grads(SETS["mixed"]) + [shared, shared]
+    before = [g.clone() for g in grads]
+    with pytest.raises(RuntimeError, match="inference tensor"):
+        fastclip.clip_grad_norm_(_params(grads), 1e-3)
+    for g, b in zip(grads, before):
+        assert_bitwise_equal(g, b)
+
+
 @pytest.mark.parametrize("blocks", [7, None])
 def test_last_block_finalize_is_race_free_under_repetition(C, monkeypatch, blocks):
     """A missing fence or a stale read in the last-block finalize shows as a rare wrong total:

@@ -457,6 +457,29 @@ def test_expanded_grad_is_refused_before_any_write(cuda_backend, call):
         assert_bitwise_equal(g, b)
 
 
+@needs_sim
+@pytest.mark.parametrize("call", ["clip_grad_norm_", "clip_grads_with_norm_", "clip_grad_value_"])
+@pytest.mark.parametrize("kind", ["sliced", "listed twice"])
+def test_an_inference_grad_torch_must_write_is_refused_before_any_write(cuda_backend, call, kind):
+    """Grads torch writes after the kernels (a sliced view; the second listing of one memory)
+    that are inference tensors: torch would refuse to write them, so the call refuses before
+    any kernel writes (checked against the device table's torch-written set)."""
+    with torch.inference_mode():
+        shared = torch.full((8,), 40.0)
+    grads = _grads() + ([shared[::2]] if kind == "sliced" else [shared, shared])
+    before = [g.clone() for g in grads]
+    params = _params(grads)
+    with pytest.raises(RuntimeError, match=rf"^{call}: grad \d+ of `parameters` .* inference tensor"):
+        if call == "clip_grad_norm_":
+            fastclip.clip_grad_norm_(params, 1e-3)
+        elif call == "clip_grads_with_norm_":
+            fastclip.clip_grads_with_norm_(params, 1e-3, torch.tensor(5.0))
+        else:
+            fastclip.clip_grad_value_(params, 1e-3)
+    for g, b in zip(grads, before):
+        assert_bitwise_equal(g, b)
+
+
 @pytest.fixture
 def scale_modes(monkeypatch):
     """The ``mode`` of every scale launch, in order."""
