@@ -18,7 +18,7 @@ import torch
 
 from fastclip import _cpu
 from fastclip import _validate as V
-from fastclip._table import DTYPE_CODES, TensorTable
+from fastclip._table import DTYPE_CODES, NoDataAddress, TensorTable
 
 
 _DEVICE = operator.attrgetter("device")
@@ -162,6 +162,14 @@ class Plan:
                                                  [dtypes[i] for i in indices])
                 table.fn, table.arg, table.positions = fn, arg, indices
                 sets.append(DeviceSet(device, backend, table, indices))
+        except NoDataAddress as exc:
+            if exc.is_wrapper:  # its own dispatch computes on tensors it holds: torch's path
+                return None
+            position = next((i for i, t in enumerate(tensors) if t is exc.tensor), exc.index)
+            raise TypeError(
+                f"{fn}: grad {position} of `{arg}` (counting only the tensors that have one) has "
+                f"{exc.tensor.numel()} elements but no memory (data_ptr() is 0): was its storage "
+                "freed (untyped_storage().resize_(0))?") from None
         except (AttributeError, RuntimeError, NotImplementedError, TypeError):
             V.check_tensors(tensors, fn, arg)  # raises the precise error
             raise

@@ -45,6 +45,21 @@ def is_dense(t: torch.Tensor) -> bool:
     return True
 
 
+class NoDataAddress(TypeError):
+    """A tensor with elements but no memory of its own: a wrapper subclass (its
+    ``__torch_dispatch__`` computes on other tensors), or storage freed by ``resize_(0)``."""
+
+    def __init__(self, index: int, tensor: torch.Tensor):
+        super().__init__(f"fastclip: tensor {index} ({type(tensor).__name__}) has no data address")
+        self.index = index
+        self.tensor = tensor
+
+    @property
+    def is_wrapper(self) -> bool:
+        """True for a subclass that dispatches ops itself: torch's implementation can run it."""
+        return type(self.tensor).__torch_dispatch__ is not torch._C._disabled_torch_dispatch_impl
+
+
 @dataclass
 class TensorTable:
     """Addresses, lengths and dtype codes of tensors on one device, in the caller's order.
@@ -98,10 +113,10 @@ class TensorTable:
         addrs = np.fromiter(map(_TB.data_ptr, views), dtype=np.int64, count=n)
         lengths = np.fromiter(map(_TB.numel, views), dtype=np.int64, count=n)
         if np.count_nonzero(addrs) != n and (lengths[addrs == 0] > 0).any():
-            # Wrapper subclasses (DTensor, FakeTensor, ...) report address 0: never hand it to a kernel.
+            # Wrapper subclasses (FakeTensor, TwoTensor, ...) and freed storage report address 0:
+            # never hand it to a kernel.
             i = int(np.flatnonzero((addrs == 0) & (lengths > 0))[0])
-            raise TypeError(f"fastclip: tensor {i} ({type(views[i]).__name__}) has no data address "
-                            "of its own; pass plain tensors or DTensors")
+            raise NoDataAddress(i, views[i])
         codes: np.ndarray
         if isinstance(dtypes, torch.dtype):
             codes = np.empty(n, dtype=np.int64)

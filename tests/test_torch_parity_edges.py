@@ -174,3 +174,48 @@ def test_negative_control_the_overflowing_sums_themselves_are_finite():
         assert total < float("inf")
         with pytest.raises(OverflowError):
             total ** (1.0 / p)
+
+
+# --- grads with no memory of their own ----------------------------------------------------------------
+
+def _two_tensor_params():
+    two_tensor = pytest.importorskip("torch.testing._internal.two_tensor")
+    g = torch.Generator().manual_seed(4)
+    plain = param_with_grad(torch.randn(50, generator=g) * 10)
+    wrapped = torch.zeros(3, requires_grad=True)
+    wrapped.grad = two_tensor.TwoTensor(torch.full((3,), 4.0), torch.full((3,), 4.0))
+    return [torch.zeros(2, requires_grad=True), plain, wrapped]  # the first has no grad
+
+
+@pytest.mark.parametrize("call, args", [
+    ("clip_grad_norm_", (1.0,)), ("get_total_norm", ()), ("clip_grad_value_", (0.5,)),
+    ("clip_grads_with_norm_", (1.0, torch.tensor(60.0))),
+])
+def test_a_wrapper_subclass_grad_goes_to_torch(call, args):
+    """A wrapper subclass (here torch's TwoTensor) has no data address: its own dispatch computes
+    on the tensors it holds, so the call goes to torch's implementation, as for meta tensors."""
+    ours, theirs = _two_tensor_params(), _two_tensor_params()
+    if call == "get_total_norm":
+        ours, theirs = [p.grad for p in ours[1:]], [p.grad for p in theirs[1:]]
+    out = getattr(fastclip, call)(ours, *args)
+    expected = getattr(torch.nn.utils, call)(theirs, *args)
+    if expected is not None:
+        assert type(out) is type(expected) and torch.equal(out, expected)
+    for a, b in zip(ours, theirs):
+        a, b = (a.grad, b.grad) if call != "get_total_norm" else (a, b)
+        assert (a is None and b is None) or (type(a) is type(b) and torch.equal(a, b))
+
+
+def test_freed_grad_storage_is_refused_by_name_before_any_write():
+    """Storage freed by resize_(0) also reports address 0, but there is nothing to dispatch to
+    (torch's own clip crashes the process on it): refused, naming the grad, before any write."""
+    plain = param_with_grad(torch.full((5,), 10.0))
+    freed = param_with_grad(torch.ones(3))
+    freed.grad.untyped_storage().resize_(0)
+    without = torch.zeros(2, requires_grad=True)
+    try:
+        with pytest.raises(TypeError, match=r"^clip_grad_norm_: grad 1 of `parameters` .* no memory"):
+            fastclip.clip_grad_norm_([without, plain, freed], 1.0)
+    finally:  # memory again before any failure report prints the tensor (that read would crash)
+        freed.grad.untyped_storage().resize_(3 * 4)
+    assert torch.equal(plain.grad, torch.full((5,), 10.0))
