@@ -35,8 +35,11 @@ def _one_number(value: object) -> object:
     return value
 
 
-def as_list(items: TensorOrTensors, fn: str, arg: str) -> list:
-    """``items`` as a list: one tensor becomes ``[tensor]``; iterables and generators are read once."""
+def as_list(items: TensorOrTensors, fn: str, arg: str, warn_if_empty_generator: bool = False) -> list:
+    """``items`` as a list: one tensor becomes ``[tensor]``; iterables and generators are read once.
+
+    ``warn_if_empty_generator``: warn as torch's ``clip_grad_norm_`` does (its siblings do not).
+    """
     if type(items) is list:  # the common case first: the checks below cost ~1 us each
         return items.copy()
     if isinstance(items, torch.Tensor):
@@ -45,7 +48,7 @@ def as_list(items: TensorOrTensors, fn: str, arg: str) -> list:
         raise TypeError(f"{fn}: `{arg}` must be a tensor or an iterable of tensors, got {_describe(items)}")
     is_generator = isinstance(items, types.GeneratorType)
     out = list(items)
-    if is_generator and not out:
+    if warn_if_empty_generator and is_generator and not out:
         warnings.warn(f"`{arg}` is an empty generator, no gradient clipping will occur.", stacklevel=4)
     return out
 

@@ -212,7 +212,7 @@ def clip_grad_norm_(
         tensor([0.6000, 0.8000])
     """
     fn = "clip_grad_norm_"
-    parameters = V.as_list(parameters, fn, "parameters")
+    parameters = V.as_list(parameters, fn, "parameters", warn_if_empty_generator=True)
     max_norm = V.check_max_norm(max_norm, fn)
     p = V.check_norm_type(norm_type, fn)
     V.check_flag(error_if_nonfinite, fn, "error_if_nonfinite")

@@ -111,6 +111,18 @@ def test_empty_generator_warns_like_torch():
         assert fastclip.clip_grad_norm_((p for p in []), 1.0).item() == 0.0
 
 
+@pytest.mark.parametrize("call, args", [("get_total_norm", ()), ("clip_grad_value_", (1.0,)),
+                                        ("clip_grads_with_norm_", (1.0, torch.tensor(1.0)))])
+def test_siblings_do_not_warn_of_an_empty_generator_as_torch_does_not(call, args):
+    import warnings
+
+    # (torch's clip_grad_value_ raises on an empty generator: its foreach grouping gets no list.)
+    for module in (torch.nn.utils, fastclip) if call != "clip_grad_value_" else (fastclip,):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            getattr(module, call)((p for p in []), *args)
+
+
 @pytest.mark.parametrize("foreach", [None, True, False])
 def test_foreach_is_accepted_and_changes_nothing(foreach):
     grads = grad_set(2.0)
