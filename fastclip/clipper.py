@@ -208,14 +208,13 @@ class GradClipper:
         cap = self.max_norm
         if self.policy is None:
             fixed = state["fixed"]  # float64: max_norm exactly
-            if fixed.dtype != norm.dtype:
-                # Converted once per dtype, always from the float64 original (a conversion of a
-                # conversion would report float32's rounding of max_norm in a float64 step).
-                cached = self._fixed_as.get(norm.dtype)
-                if cached is None or cached.device != fixed.device:
-                    cached = self._fixed_as[norm.dtype] = fixed.to(norm.dtype)
-                fixed = cached
-            return cap, fixed
+            # A copy per norm dtype, made once, always from the float64 original (a conversion
+            # of a conversion would report float32's rounding of max_norm in a float64 step);
+            # never the state's own tensor, which ``threshold`` would then expose to changes.
+            cached = self._fixed_as.get(norm.dtype)
+            if cached is None or cached.device != fixed.device:
+                cached = self._fixed_as[norm.dtype] = fixed.to(norm.dtype, copy=True)
+            return cap, cached
         policy_state = cast(dict, self._policy_state)  # made with the state (_ensure_state)
         value = self.policy.threshold(policy_state, state["step"],
                                       norm.to(torch.float64), finite)

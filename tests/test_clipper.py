@@ -804,3 +804,15 @@ def test_a_fixed_threshold_is_reported_exactly_after_a_dtype_change():
     clipper.step()
     assert clipper.threshold.dtype == torch.float64 and clipper.threshold.item() == 0.1
     assert clipper.summary()["threshold"] == 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_threshold_attribute_is_not_the_clippers_state(dtype):
+    """``threshold`` is the caller's to keep (or change); the fixed threshold the clipper saves in
+    its state, and reports from it, stays max_norm."""
+    p = torch.nn.Parameter(torch.zeros(3, dtype=dtype))
+    p.grad = torch.ones(3, dtype=dtype)
+    clipper = fastclip.GradClipper([p], max_norm=0.5)
+    clipper.step()
+    clipper.threshold.mul_(100)
+    assert clipper.state_dict()["state"]["fixed"].item() == 0.5
