@@ -27,7 +27,8 @@ from typing import NamedTuple
 import numpy as np
 from numba import prange
 
-from .cpu import f32_as_u32, f32_ptr, f32_to_half, f64_ptr, half_to_f32, u16_ptr, u32_as_f32
+from .cpu import (enter_flush_mode, f32_as_u32, f32_ptr, f32_to_half, f64_ptr, flush_mode, half_to_f32,
+                  leave_flush_mode, u16_ptr, u32_as_f32)
 from .layout import DEFAULT_CHUNK_SIZE, FLOAT16, FLOAT32, FLOAT64, _balanced_bounds
 from .startup import njit
 
@@ -269,10 +270,13 @@ def agc_rows_serial(waddrs, gaddrs, codes, row_len, row_base, c_tensor, c_row0, 
 @njit(parallel=True, **_JIT)
 def agc_rows_parallel(waddrs, gaddrs, codes, row_len, row_base, c_tensor, c_row0, c_row1, c_start,
                       c_stop, c_count, group_bounds, clipping, eps, w_sq, g_sq, piece_w, piece_g):
+    mode = flush_mode()  # the caller's denormal mode, on every thread (see kernels/cpu.py)
     for grp in prange(group_bounds.shape[0] - 1):
+        saved = enter_flush_mode(mode)
         _rows_run(waddrs, gaddrs, codes, row_len, row_base, c_tensor, c_row0, c_row1, c_start,
                   c_stop, c_count, group_bounds[grp], group_bounds[grp + 1], clipping, eps, w_sq,
                   g_sq, piece_w, piece_g)
+        leave_flush_mode(saved)
 
 
 @njit(**_JIT)
@@ -287,10 +291,13 @@ def agc_pieces_serial(gaddrs, codes, row_len, row_base, c_tensor, c_row0, c_star
 def agc_pieces_parallel(gaddrs, codes, row_len, row_base, c_tensor, c_row0, c_start, c_stop,
                         c_first, c_count, pieces, piece_bounds, clipping, eps, w_sq, g_sq, piece_w,
                         piece_g):
+    mode = flush_mode()
     for grp in prange(piece_bounds.shape[0] - 1):
+        saved = enter_flush_mode(mode)
         _pieces_run(gaddrs, codes, row_len, row_base, c_tensor, c_row0, c_start, c_stop, c_first,
                     c_count, pieces, piece_bounds[grp], piece_bounds[grp + 1], clipping, eps,
                     w_sq, g_sq, piece_w, piece_g)
+        leave_flush_mode(saved)
 
 
 def adaptive_clip(waddrs, gaddrs, codes, n_rows, row_len, clipping, eps,

@@ -11,9 +11,12 @@ does not notice changes in jitted helpers imported from another module (numba #8
 
 from __future__ import annotations
 
+import platform
+
 import numpy as np
 from llvmlite import ir
 from numba import prange, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .layout import FLOAT16, FLOAT32, FLOAT64, NORM_INF, NORM_L1, NORM_L2
@@ -121,6 +124,73 @@ def f32_to_bf16(value):
     u = f32_as_u32(value)
     bias = ((u >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF)
     return np.uint16((u + bias) >> np.uint32(16))
+
+
+# --- the caller's denormal mode on the worker threads --------------------------------------------
+# torch.set_flush_denormal(True) sets flush-to-zero and denormals-are-zero (MXCSR bits 15 and 6)
+# on the calling thread only; numba's worker threads keep their own. A parallel kernel reads the
+# caller's bits before its parallel loop (code that runs on the calling thread) and runs each work
+# group under them, so a result does not depend on which thread ran a chunk. Elsewhere than on
+# x86 these compile to nothing.
+
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+_FLUSH_BITS = 0x8040  # MXCSR: FTZ | DAZ
+
+
+def _mxcsr_call(builder, name, slot):
+    fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer()])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, name)
+    builder.call(fn, [builder.bitcast(slot, ir.IntType(8).as_pointer())])
+
+
+@intrinsic
+def flush_mode(typingctx):
+    """The calling thread's flush-to-zero and denormals-are-zero bits (0 off x86)."""
+    sig = types.uint32()
+
+    def codegen(context, builder, signature, args):
+        if not _X86:
+            return ir.Constant(ir.IntType(32), 0)
+        slot = cgutils.alloca_once(builder, ir.IntType(32))
+        _mxcsr_call(builder, "llvm.x86.sse.stmxcsr", slot)
+        return builder.and_(builder.load(slot), ir.Constant(ir.IntType(32), _FLUSH_BITS))
+
+    return sig, codegen
+
+
+@intrinsic
+def enter_flush_mode(typingctx, mode):
+    """Set this thread's flush bits to ``mode`` (from ``flush_mode``); return its previous MXCSR
+    for ``leave_flush_mode``."""
+    sig = types.uint32(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        if not _X86:
+            return ir.Constant(ir.IntType(32), 0)
+        slot = cgutils.alloca_once(builder, ir.IntType(32))
+        _mxcsr_call(builder, "llvm.x86.sse.stmxcsr", slot)
+        old = builder.load(slot)
+        cleared = builder.and_(old, ir.Constant(ir.IntType(32), ~_FLUSH_BITS & 0xFFFFFFFF))
+        builder.store(builder.or_(cleared, args[0]), slot)
+        _mxcsr_call(builder, "llvm.x86.sse.ldmxcsr", slot)
+        return old
+
+    return sig, codegen
+
+
+@intrinsic
+def leave_flush_mode(typingctx, saved):
+    """Restore the MXCSR ``enter_flush_mode`` returned."""
+    sig = types.none(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        if _X86:
+            slot = cgutils.alloca_once(builder, ir.IntType(32))
+            builder.store(args[0], slot)
+            _mxcsr_call(builder, "llvm.x86.sse.ldmxcsr", slot)
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 # --- per-chunk bodies, read as interleaved streams ---------------------------------------------
@@ -472,9 +542,12 @@ def chunk_power_sums_serial(addrs, codes, chunk_tensor, chunk_start, chunk_stop,
 
 @njit(parallel=True, **_JIT)
 def chunk_power_sums_parallel(addrs, codes, chunk_tensor, chunk_start, chunk_stop, group_bounds, kind, p, out):
+    mode = flush_mode()  # the caller's (this line runs on the calling thread)
     for g in prange(group_bounds.shape[0] - 1):
+        saved = enter_flush_mode(mode)
         _power_sums_run(addrs, codes, chunk_tensor, chunk_start, chunk_stop, group_bounds[g],
                         group_bounds[g + 1], kind, p, out)
+        leave_flush_mode(saved)
 
 
 @njit(**_JIT)
@@ -485,9 +558,12 @@ def scale_serial(addrs, codes, chunk_tensor, chunk_start, chunk_stop, group_boun
 
 @njit(parallel=True, **_JIT)
 def scale_parallel(addrs, codes, chunk_tensor, chunk_start, chunk_stop, group_bounds, coef):
+    mode = flush_mode()
     for g in prange(group_bounds.shape[0] - 1):
+        saved = enter_flush_mode(mode)
         _scale_run(addrs, codes, chunk_tensor, chunk_start, chunk_stop, group_bounds[g],
                    group_bounds[g + 1], coef)
+        leave_flush_mode(saved)
 
 
 @njit(**_JIT)
@@ -498,9 +574,12 @@ def clamp_serial(addrs, codes, chunk_tensor, chunk_start, chunk_stop, group_boun
 
 @njit(parallel=True, **_JIT)
 def clamp_parallel(addrs, codes, chunk_tensor, chunk_start, chunk_stop, group_bounds, bound):
+    mode = flush_mode()
     for g in prange(group_bounds.shape[0] - 1):
+        saved = enter_flush_mode(mode)
         _clamp_run(addrs, codes, chunk_tensor, chunk_start, chunk_stop, group_bounds[g],
                    group_bounds[g + 1], bound)
+        leave_flush_mode(saved)
 
 
 @njit(**_JIT)

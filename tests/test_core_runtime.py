@@ -120,6 +120,63 @@ def test_bitwise_identical_for_any_thread_count(norm_type):
             assert_bitwise_equal(a, b)
 
 
+def _denormal_set():
+    """Float32 grads that are mostly denormal: scaled by a coefficient below 1 they stay denormal
+    unless the thread flushes them; in 16 bits, read as floats, they are float32 normals."""
+    g = torch.Generator().manual_seed(5)
+    tiny = torch.rand(BIG, generator=g) * 1e-38 + 1e-40  # below float32's smallest normal
+    tiny[::1000] = 1.0
+    return [tiny, random_grad((300_000,), torch.float64, 1e-309, g), random_grad((4096,), torch.bfloat16, 1.0, g)]
+
+
+def test_flush_denormal_mode_is_every_threads():
+    """With torch.set_flush_denormal(True) the calling thread flushes denormals; the kernels run each
+    work group under the caller's mode, so results do not depend on the thread count and
+    every denormal product is flushed, as on the calling thread (numba's workers would otherwise
+    keep denormals in the chunks they run)."""
+    results, grads = {}, _denormal_set()  # made before the mode is set, which would flush them
+    assert (grads[0] != 0).all() and (grads[1] != 0).sum() > 299_000
+    if not torch.set_flush_denormal(True):  # the calling thread's mode only
+        pytest.skip("this CPU has no flush-to-zero mode torch can set")
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            params = [param_with_grad(t.clone()) for t in grads]
+            norm = fastclip.clip_grad_norm_(params, 0.5)
+            fastclip.clip_grad_value_(params, 1e-3)
+            results[threads] = norm, [p.grad for p in params]
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(2)
+    (norm1, grads1), (norm2, grads2) = results[1], results[2]
+    assert_bitwise_equal(norm2, norm1)
+    for a, b in zip(grads2, grads1):
+        assert_bitwise_equal(a, b)
+    tiny = grads2[0]
+    assert (tiny[tiny != 0].abs() >= torch.finfo(torch.float32).tiny).all()  # no denormal left
+    assert (tiny != 0).sum() == (BIG + 999) // 1000
+
+
+def test_flush_denormal_mode_is_every_threads_in_agc():
+    """The same for adaptive_grad_clip_'s parallel passes: rows of 1e-10 clipped to a norm of
+    eps * 1e-33 (zero weights) come out denormal (1e-40), unless the thread flushes them."""
+    rows = torch.full((_cpu.PARALLEL_MIN_ELEMENTS // 1000 + 7, 1000), 1e-10)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no flush-to-zero mode torch can set")
+    results = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            param = param_with_grad(rows.clone())
+            fastclip.adaptive_grad_clip_([param], 1e-33)
+            results[threads] = param.grad
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(2)
+    assert_bitwise_equal(results[2], results[1])
+    assert not results[2].any()  # every product flushed, as on the calling thread
+
+
 def test_negative_control_grouped_sums_would_be_detected():
     """The data above is sensitive to summation order: had the kernels combined partials per
     thread (one sum per group, then the groups), 1 and 2 threads would differ in their bits."""
