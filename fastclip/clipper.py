@@ -194,8 +194,10 @@ class GradClipper:
         state["clipped"] += finite & (coef < 1.0)
         state["nonfinite"] += bad
         state["step"] += 1
+        # Attributes are the caller's: fresh tensors, never the state (nor one another), which an
+        # in-place change by the caller would then alter for later steps and checkpoints.
         self.found_nonfinite = bad
-        self.skipped = bad if self.nonfinite == "skip" else state["false"]
+        self.skipped = bad.clone() if self.nonfinite == "skip" else torch.zeros_like(bad)
         self.threshold = threshold
         return norm
 
@@ -214,23 +216,26 @@ class GradClipper:
             cached = self._fixed_as.get(norm.dtype)
             if cached is None or cached.device != fixed.device:
                 cached = self._fixed_as[norm.dtype] = fixed.to(norm.dtype, copy=True)
-            return cap, cached
+            return cap, cached.clone()  # the caller's copy (see ``step``)
         policy_state = cast(dict, self._policy_state)  # made with the state (_ensure_state)
         value = self.policy.threshold(policy_state, state["step"],
                                       norm.to(torch.float64), finite)
         value = torch.where(value.isnan(), cap, torch.clamp(value, max=cap)).to(norm.dtype)
         return value, value
 
+    def _initial_state(self, device: torch.device) -> dict[str, torch.Tensor]:
+        return {
+            "step": torch.zeros((), dtype=torch.int64, device=device),  # steps taken
+            "norms": torch.full((self.window,), math.nan, dtype=torch.float64, device=device),
+            "clipped": torch.zeros((), dtype=torch.int64, device=device),
+            "nonfinite": torch.zeros((), dtype=torch.int64, device=device),
+            "fixed": torch.full((), self.max_norm, dtype=torch.float64, device=device),
+            "false": torch.zeros((), dtype=torch.bool, device=device),  # kept for checkpoints
+        }
+
     def _ensure_state(self, device: torch.device) -> dict[str, torch.Tensor]:
         if self._state is None:
-            self._state = {
-                "step": torch.zeros((), dtype=torch.int64, device=device),  # steps taken
-                "norms": torch.full((self.window,), math.nan, dtype=torch.float64, device=device),
-                "clipped": torch.zeros((), dtype=torch.int64, device=device),
-                "nonfinite": torch.zeros((), dtype=torch.int64, device=device),
-                "fixed": torch.full((), self.max_norm, dtype=torch.float64, device=device),
-                "false": torch.zeros((), dtype=torch.bool, device=device),
-            }
+            self._state = self._initial_state(device)
             if self.policy is not None:
                 self._policy_state = self.policy.init_state(device)
         elif self._state["norms"].device != device:  # the model moved: the history follows it
@@ -329,8 +334,16 @@ class GradClipper:
         if state is not None and "step" not in state:  # saved before the device counter existed
             state = {"step": torch.tensor(int(state_dict["steps"]), dtype=torch.int64,
                                           device=state["norms"].device), **state}
+        policy_state = state_dict["policy_state"]
+        if state is None and self._state is not None:
+            # Saved before its first step, loaded into a clipper that has stepped: its own
+            # tensors go back to their initial values (a captured graph keeps pointing at them).
+            device = self._state["norms"].device
+            state = self._initial_state(device)
+            if self.policy is not None:
+                policy_state = self.policy.init_state(device)
         self._state = _load_into(self._state, state)
-        self._policy_state = _load_into(self._policy_state, state_dict["policy_state"])
+        self._policy_state = _load_into(self._policy_state, policy_state)
         self.threshold = state_dict["threshold"].clone()
         device = self.threshold.device
         self.skipped = torch.zeros((), dtype=torch.bool, device=device)
