@@ -136,7 +136,6 @@ class GradClipper:
             raise ValueError(f"{fn}: `window` must be an integer >= 1, got {window!r}")
         self.window = int(window)
         self._state: Optional[dict[str, torch.Tensor]] = None
-        self._fixed_as: dict[torch.dtype, torch.Tensor] = {}  # max_norm in other norm dtypes
         self._policy_state: Optional[dict[str, torch.Tensor]] = None
         self.skipped = torch.tensor(False)
         self.found_nonfinite = torch.tensor(False)
@@ -209,14 +208,10 @@ class GradClipper:
         """
         cap = self.max_norm
         if self.policy is None:
-            fixed = state["fixed"]  # float64: max_norm exactly
-            # A copy per norm dtype, made once, always from the float64 original (a conversion
-            # of a conversion would report float32's rounding of max_norm in a float64 step);
-            # never the state's own tensor, which ``threshold`` would then expose to changes.
-            cached = self._fixed_as.get(norm.dtype)
-            if cached is None or cached.device != fixed.device:
-                cached = self._fixed_as[norm.dtype] = fixed.to(norm.dtype, copy=True)
-            return cap, cached.clone()  # the caller's copy (see ``step``)
+            # The caller's copy (see ``step``), always converted from the float64 original
+            # (a conversion of a conversion would report float32's rounding of max_norm in a
+            # float64 step).
+            return cap, state["fixed"].to(norm.dtype, copy=True)
         policy_state = cast(dict, self._policy_state)  # made with the state (_ensure_state)
         value = self.policy.threshold(policy_state, state["step"],
                                       norm.to(torch.float64), finite)
