@@ -43,6 +43,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from fastclip._plan import exact_sum
 from fastclip._validate import _describe
 
 EXCLUDED = -1  # label of a replicated local shard that another rank counts
@@ -370,7 +371,7 @@ def _bucket_totals(plan, results, labels: np.ndarray, n_buckets: int, p: float) 
                 continue
             if isinstance(per, np.ndarray):
                 host = per[sel]
-                parts[b].append(float(host.max()) if is_max else math.fsum(host.tolist()))
+                parts[b].append(float(host.max()) if is_max else exact_sum(host.tolist()))
             elif isinstance(per, torch.Tensor):
                 vals = per.index_select(0, _device_index(sel, per.device))
                 parts[b].append(vals.amax() if is_max else vals.sum())

@@ -91,6 +91,15 @@ def nan_max(values) -> float:
     return out
 
 
+def exact_sum(values) -> float:
+    """``math.fsum``, except that a sum beyond float64's range is inf, as the kernels' float64
+    adds (and torch's) give it: fsum raises OverflowError for finite values whose sum overflows."""
+    try:
+        return math.fsum(values)
+    except OverflowError:
+        return math.inf
+
+
 def root(total: float, p: float) -> float:
     """The p-norm from a float64 sum of |x|**p (or max |x| for inf)."""
     if p == 2.0:
@@ -190,7 +199,7 @@ class Plan:
         """Sum (max for inf) of the devices' float64 totals: a float on the host, else a 0-d
         float64 tensor on the first device (no host sync)."""
         if all(isinstance(t, float) for t in totals):
-            return nan_max(totals) if p == math.inf else math.fsum(totals)
+            return nan_max(totals) if p == math.inf else exact_sum(totals)
         if len(totals) == 1 and isinstance(totals[0], torch.Tensor) and \
                 totals[0].device == self.first_device:
             # One device: its total as it is, no stack and sum to launch. It may be a view into

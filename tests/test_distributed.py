@@ -626,9 +626,38 @@ def check_agc_dtensor(rank, world):
         assert_bitwise_equal(q.grad.to_local(), b)
 
 
+def check_overflowing_sums(rank, world):
+    """Finite float64 power sums whose sum exceeds float64: the norm is inf on every rank, as
+    torch gives it. (math.fsum raises OverflowError there; a rank that raised it left the others
+    waiting in the all-reduce.) Rank 0's shards alone hold the large values; the plain tensor
+    sends the sums through the per-bucket path."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    full = [torch.ones(2 * world, dtype=torch.float64) for _ in range(2)]
+    for t in full:
+        t[0] = 1e154  # squared 1e308: finite, and twice that is not
+    plain = torch.ones(3, dtype=torch.float64)
+    assert torch.nn.utils.get_total_norm(full + [plain]).item() == math.inf
+
+    def grads():
+        return [distribute_tensor(t.clone(), mesh, [Shard(0)]) for t in full] + [plain.clone()]
+    assert fastclip.get_total_norm(grads()).item() == math.inf
+    params = [dparam(g) for g in grads()]
+    try:
+        fastclip.clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
+    except RuntimeError as err:
+        assert "non-finite" in str(err), str(err)
+    else:
+        raise AssertionError("an overflowing norm passed error_if_nonfinite")
+    assert fastclip.clip_grad_norm_(params, 1.0).item() == math.inf
+    assert not params[0].grad.to_local().any()  # scaled by 1 / inf, as torch would
+
+
 CHECKS = [check_sharded_plain, check_empty_rank, check_subgroup_and_membership, check_dtensor_1d,
           check_dtensor_2d, check_device_tensor_paths, check_fsdp2, check_fsdp1, check_scale,
-          check_grad_clipper, check_agc_dtensor]
+          check_grad_clipper, check_agc_dtensor, check_overflowing_sums]
 
 
 def _worker(rank: int, world: int, port: int, outdir: str) -> None:
@@ -727,6 +756,10 @@ def test_grad_clipper_across_ranks(rank_results):
 
 def test_agc_on_dtensors(rank_results):
     _assert_check(rank_results, check_agc_dtensor)
+
+
+def test_power_sums_that_overflow_give_inf_on_every_rank(rank_results):
+    _assert_check(rank_results, check_overflowing_sums)
 
 
 def test_dtensor_scale_is_linear(rank_results):
