@@ -8,9 +8,15 @@ vectors and scalars. For a unit with weight ``W`` and grad ``G``::
     max_norm = clipping * max(||W||, eps)
     if ||G|| > max_norm:  G *= max_norm / max(||G||, 1e-6)
 
-which is the formula of the paper's reference code (``deepmind-research/nfnets/optim.py``).
-timm's ``adaptive_clip_grad`` differs only at exact equality ``||G|| == max_norm``, which it
-treats as clipped (a factor of exactly 1 unless ``||G|| < 1e-6``).
+which is the formula of the paper's reference code (``deepmind-research/nfnets/optim.py``,
+and optax's ``adaptive_grad_clip``). The units are timm's (``unitwise_norm``: all dims but the
+first); DeepMind's and optax's code squeeze size-1 dims first (a ``(3, 1)`` weight is one unit
+there, three here) and reduce 3-D weights over their first axis (JAX's layouts), not the others.
+timm's ``adaptive_clip_grad`` also differs at exact equality ``||G|| == max_norm``, which it
+treats as clipped (a factor of exactly 1 unless ``||G|| < 1e-6``); in a unit holding a NaN,
+which it turns to NaN where this leaves the unit as it is (the comparison is false), as
+DeepMind's does; and for float16 units whose norm exceeds 65504, which it computes in float16
+(inf: the unit is zeroed) where this clips them (float64 norms).
 
 On the CPU and on CUDA, one call runs one fused pass (two when a unit is longer than a chunk)
 over a table of every parameter and grad: float64 norms, per-unit factors, and the scaling of
@@ -48,7 +54,7 @@ def _check_positive(value: object, arg: str, allow_zero: bool) -> float:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{_FN}: `{arg}` must be a real number, got {V._describe(value)}")
-    out = float(value)
+    out = V.as_float(value, _FN, arg)
     if not math.isfinite(out) or out < 0 or (out == 0 and not allow_zero):
         expected = "a finite number >= 0" if allow_zero else "a finite number > 0"
         raise ValueError(f"{_FN}: `{arg}` must be {expected}, got {out!r}")
@@ -128,6 +134,12 @@ def _pairs(parameters: list) -> tuple[list, list]:
             raise ValueError(f"{_FN}: the grad at index {i} of `parameters` overlaps itself "
                              f"(an expanded tensor, strides {g.stride()}); it cannot be clipped "
                              "in place")
+        if g.is_inference() and not torch.is_inference_mode_enabled() and not _units_are_blocks(g):
+            raise RuntimeError(f"{_FN}: the grad at index {i} of `parameters` is an inference tensor "
+                               "(made under torch.inference_mode()) whose units are not dense blocks, "
+                               "so torch must write it back after the kernel, and torch refuses to "
+                               "update inference tensors in place outside inference mode. Clone it "
+                               "first (p.grad = p.grad.clone())")
         if g.numel() and not is_split:
             if (p.data_ptr() == 0 or g.data_ptr() == 0) and p.device.type in ("cpu", "cuda"):
                 # A wrapper subclass (FakeTensor, a DTensor seen through another wrapper, ...):

@@ -330,6 +330,8 @@ def _assert_unchanged(params, before):
     (dict(clipping="0.01"), TypeError, "`clipping` must be a real number, got '0.01'"),
     (dict(eps=-1e-3), ValueError, "`eps` must be a finite number >= 0"),
     (dict(eps=None), TypeError, "`eps`"),
+    (dict(clipping=10 ** 400), OverflowError, "`clipping` is too large for a float64"),
+    (dict(eps=10 ** 400), OverflowError, "`eps` is too large for a float64"),
 ])
 def test_bad_arguments_raise_and_change_nothing(kwargs, error, words):
     params = make_params([(4, 3), (5,)], torch.float32, seed=8, grad_scales=(1.0,))
@@ -527,6 +529,25 @@ def test_cuda_graph_replays_with_new_values():
         agc_reference_(fresh, 0.01)
         for q, p in zip(gpu, fresh):
             assert_bitwise_equal(q.grad.cpu(), p.grad)
+
+
+@pytest.mark.parametrize("view", ["sliced", "transposed"])
+def test_an_inference_grad_torch_must_write_back_is_refused_before_any_write(view):
+    """A grad whose units are not dense blocks is clipped in a copy that torch writes back; an
+    inference tensor there would be refused by torch after the kernel had clipped the others."""
+    good = make_params([(4, 3)], torch.float32, seed=9, grad_scales=(100.0,))
+    before = [good[0].grad.clone()]
+    with torch.inference_mode():
+        base = torch.ones(2, 4)
+        grad = base[:, ::2] if view == "sliced" else base.t()
+    odd = torch.nn.Parameter(torch.ones(grad.shape))
+    odd.grad = grad
+    with pytest.raises(RuntimeError, match=r"^adaptive_grad_clip_: the grad at index 1 .* inference tensor"):
+        fastclip.adaptive_grad_clip_([good[0], odd], 1e-3)
+    _assert_unchanged(good, before)
+    with torch.inference_mode():  # where torch may write it, so may fastclip
+        fastclip.adaptive_grad_clip_([good[0], odd], 1e-3)
+    assert not torch.equal(good[0].grad, before[0])
 
 
 def test_tensors_without_memory_of_their_own_are_refused():
