@@ -35,6 +35,15 @@ def _one_number(value: object) -> object:
     return value
 
 
+def as_float(value: object, fn: str, arg: str) -> float:
+    """``float(value)``, as torch reads the argument; an integer beyond float64's range raises an
+    OverflowError that names the argument (Python's says only "int too large to convert")."""
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except OverflowError:
+        raise OverflowError(f"{fn}: `{arg}` is too large for a float64, got {_describe(value)}") from None
+
+
 def as_list(items: TensorOrTensors, fn: str, arg: str, warn_if_empty_generator: bool = False) -> list:
     """``items`` as a list: one tensor becomes ``[tensor]``; iterables and generators are read once.
 
@@ -96,7 +105,7 @@ def check_max_norm(max_norm: object, fn: str, arg: str = "max_norm") -> Union[fl
     if type(max_norm) is not float and (isinstance(max_norm, bool)  # ABC checks cost ~1 us
                                         or not isinstance(max_norm, numbers.Real)):
         raise TypeError(f"{fn}: `{arg}` must be a real number, got {_describe(max_norm)}")
-    value = float(max_norm)
+    value = as_float(max_norm, fn, arg)
     if math.isnan(value) or value < 0:
         raise ValueError(f"{fn}: `{arg}` must be a non-negative number, got {value!r}")
     return value
@@ -122,7 +131,7 @@ def check_norm_type(norm_type: object, fn: str) -> float:
                                            or not isinstance(norm_type, numbers.Real)):
         raise TypeError(f"{fn}: `norm_type` must be a positive number or 'inf', got {_describe(norm_type)}")
     else:
-        value = float(norm_type)
+        value = as_float(norm_type, fn, "norm_type")
     if math.isnan(value) or value <= 0:
         raise ValueError(f"{fn}: `norm_type` must be a positive number or 'inf', got {value!r}")
     return value
@@ -134,7 +143,7 @@ def check_clip_value(clip_value: object, fn: str) -> float:
     clip_value = _one_number(clip_value)
     if isinstance(clip_value, bool) or not isinstance(clip_value, numbers.Real):
         raise TypeError(f"{fn}: `clip_value` must be a real number, got {_describe(clip_value)}")
-    value = float(clip_value)
+    value = as_float(clip_value, fn, "clip_value")
     if math.isnan(value) or value < 0:
         raise ValueError(f"{fn}: `clip_value` must be a non-negative number, got {value!r}")
     return value

@@ -379,7 +379,7 @@ def _check_cap(max_norm: object) -> float:
     if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real):
         raise TypeError(f"GradClipper: `max_norm` must be a real number or None, "
                         f"got {V._describe(max_norm)}")
-    value = float(max_norm)
+    value = V.as_float(max_norm, "GradClipper", "max_norm")
     if math.isnan(value) or value < 0:
         raise ValueError(f"GradClipper: `max_norm` must be a non-negative number, got {value!r}")
     return value

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, is_dataclass
 
 import torch
 
+from fastclip import _validate as V
+
 NAN = float("nan")
 
 
@@ -25,7 +27,7 @@ def _check_number(value: object, owner: str, arg: str, low: float, high: float,
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{owner}: `{arg}` must be a real number, got {value!r} of type "
                         f"{type(value).__name__}")
-    out = float(value)
+    out = V.as_float(value, owner, arg)
     below = out <= low if low_open else out < low
     above = out >= high if high_open else out > high
     if math.isnan(out) or below or above:

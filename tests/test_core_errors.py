@@ -44,6 +44,23 @@ def test_bad_max_norm(fn, max_norm, error):
     assert_unchanged(params, grads)
 
 
+@pytest.mark.parametrize("call, arg", [
+    (lambda ps, v: fastclip.clip_grad_norm_(ps, v), "max_norm"),
+    (lambda ps, v: fastclip.clip_grad_norm_(ps, 1.0, v), "norm_type"),
+    (lambda ps, v: fastclip.clip_grads_with_norm_(ps, v, torch.tensor(1.0)), "max_norm"),
+    (lambda ps, v: fastclip.clip_grad_value_(ps, v), "clip_value"),
+    (lambda ps, v: fastclip.GradClipper(ps, max_norm=v), "max_norm"),
+    (lambda ps, v: fastclip.ZClip(z_thresh=v), "z_thresh"),
+])
+def test_an_integer_beyond_float64_is_named(call, arg):
+    """torch's float() of such an int raises "int too large to convert to float"; fastclip's
+    error names the argument, before any write."""
+    params, grads = grad_params()
+    with pytest.raises(OverflowError, match=rf"`{arg}` is too large for a float64"):
+        call(params, 10 ** 400)
+    assert_unchanged(params, grads)
+
+
 @pytest.mark.parametrize("max_norm", [0, 1, 2.5, np.float32(0.5), np.float64(1.0), math.inf,
                                       torch.tensor(1.0), torch.tensor(3, dtype=torch.int64)], ids=repr)
 def test_good_max_norm(max_norm):
