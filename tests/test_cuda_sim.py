@@ -438,6 +438,16 @@ def test_clip_grads_with_norm_reads_a_norm_inside_a_grad_before_writing(cuda_bac
     assert grads[0].unique().numel() == 1  # negative control: every element scaled alike
 
 
+def _clip(call: str, params) -> None:
+    """One of the three writing entry points, clipping hard (max_norm / clip_value 1e-3)."""
+    if call == "clip_grad_norm_":
+        fastclip.clip_grad_norm_(params, 1e-3)
+    elif call == "clip_grads_with_norm_":
+        fastclip.clip_grads_with_norm_(params, 1e-3, torch.tensor(5.0))
+    else:
+        fastclip.clip_grad_value_(params, 1e-3)
+
+
 @needs_sim
 @pytest.mark.parametrize("call", ["clip_grad_norm_", "clip_grads_with_norm_", "clip_grad_value_"])
 def test_expanded_grad_is_refused_before_any_write(cuda_backend, call):
@@ -447,12 +457,7 @@ def test_expanded_grad_is_refused_before_any_write(cuda_backend, call):
     before = [g.clone() for g in grads]
     params = _params(grads)
     with pytest.raises(RuntimeError, match="expanded view"):
-        if call == "clip_grad_norm_":
-            fastclip.clip_grad_norm_(params, 1e-3)
-        elif call == "clip_grads_with_norm_":
-            fastclip.clip_grads_with_norm_(params, 1e-3, torch.tensor(5.0))
-        else:
-            fastclip.clip_grad_value_(params, 1e-3)
+        _clip(call, params)
     for g, b in zip(grads, before):
         assert_bitwise_equal(g, b)
 
@@ -470,12 +475,7 @@ def test_an_inference_grad_torch_must_write_is_refused_before_any_write(cuda_bac
     before = [g.clone() for g in grads]
     params = _params(grads)
     with pytest.raises(RuntimeError, match=rf"^{call}: grad \d+ of `parameters` .* inference tensor"):
-        if call == "clip_grad_norm_":
-            fastclip.clip_grad_norm_(params, 1e-3)
-        elif call == "clip_grads_with_norm_":
-            fastclip.clip_grads_with_norm_(params, 1e-3, torch.tensor(5.0))
-        else:
-            fastclip.clip_grad_value_(params, 1e-3)
+        _clip(call, params)
     for g, b in zip(grads, before):
         assert_bitwise_equal(g, b)
 
