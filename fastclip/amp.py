@@ -240,15 +240,23 @@ def unscale_and_clip_planned(scaler, optimizer, state, grads, group, plan, max_n
         return clip_grad_norm_(optimizer_params(optimizer), max_norm, p)
     if not fuses_unscale(p):  # torch's unscale, then the clip on the same plan
         scaler.unscale_(optimizer)
-        norm = plan.total_norm(p, group=group)
-        plan.scale_(clip_coefficient(max_norm, norm))
-        return norm
+        return clip_planned(plan, group, optimizer_params(optimizer), max_norm, p)
     inv_scale = inv_scale_of(scaler)
     norm, found = scaled_pass(plan, p, inv_scale, group)
     unscale_clip_grads_(plan, inv_scale, clip_coefficient(max_norm, norm))
     state["found_inf_per_device"] = found
     state["stage"] = OptState.UNSCALED
     return norm
+
+
+def clip_planned(plan: Optional[Plan], group, params: list, max_norm, p: float) -> torch.Tensor:
+    """``clip_grad_norm_`` on an already built plan (torch's own when there is no plan)."""
+    if plan is None:
+        return clip_grad_norm_(params, max_norm, p)
+    norm = plan.total_norm(p, group=group)
+    plan.scale_(clip_coefficient(max_norm, norm))
+    return norm
+
 
 
 def unscale_clip_grads_(plan: Plan, inv_scale: torch.Tensor, coef: torch.Tensor) -> None:

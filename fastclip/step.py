@@ -21,10 +21,10 @@ from torch.amp.grad_scaler import GradScaler, OptState
 from fastclip._compile import entry_point
 from fastclip import _validate as V
 from fastclip._plan import Plan
-from fastclip.amp import (check_no_fp16, check_optimizer, check_scaler, fuses_unscale, inv_scale_of,
-                          optimizer_params, plan_grads, scale_of, scaled_pass, unscale_and_clip_planned,
-                          unscale_clip_grads_)
-from fastclip.clip_grad import clip_coefficient, clip_grad_norm_
+from fastclip.amp import (check_no_fp16, check_optimizer, check_scaler, clip_planned, fuses_unscale,
+                          inv_scale_of, optimizer_params, plan_grads, scale_of, scaled_pass,
+                          unscale_and_clip_planned, unscale_clip_grads_)
+from fastclip.clip_grad import clip_coefficient
 
 _FN = "clip_and_step"
 _STEP_ATTRS = ("grad_scale", "found_inf")
@@ -158,14 +158,14 @@ def clip_and_step(
 
     if not fused or plan is None:  # clip, then step
         if scaler is None:
-            norm = _clip_planned(plan, group, params, max_norm, p)
+            norm = clip_planned(plan, group, params, max_norm, p)
             optimizer.step()
         else:
             if state["stage"] is OptState.READY:
                 norm = unscale_and_clip_planned(scaler, optimizer, state, grads, group, plan,
                                                 max_norm, p, _FN)
             else:  # the caller already unscaled
-                norm = _clip_planned(plan, group, params, max_norm, p)
+                norm = clip_planned(plan, group, params, max_norm, p)
             scaler.step(optimizer)
         return norm
 
@@ -209,15 +209,6 @@ def _scaler_stage_check(scaler: GradScaler, optimizer: torch.optim.Optimizer) ->
         raise RuntimeError(f"{_FN}: step() has already been called since the last update(): call "
                            "`scaler.update()` to start the next iteration first")
     return state
-
-
-def _clip_planned(plan: Optional[Plan], group, params: list, max_norm, p: float) -> torch.Tensor:
-    """``clip_grad_norm_`` on an already built plan (torch's own when there is no plan)."""
-    if plan is None:
-        return clip_grad_norm_(params, max_norm, p)
-    norm = plan.total_norm(p, group=group)
-    plan.scale_(clip_coefficient(max_norm, norm))
-    return norm
 
 
 __all__ = ["clip_and_step"]
