@@ -481,6 +481,11 @@ def scale_(table: TensorTable, coef: torch.Tensor, always: bool = False) -> None
     """Multiply every tensor by the 0-d ``coef`` (on this device) in place, with torch's
     ``mul_`` rounding. The kernel reads coef on the device and does nothing when it is >= 1,
     unless ``always`` (a factor that may exceed 1: AMP's unscale)."""
+    if isinstance(coef, torch.Tensor) and type(coef) is not torch.Tensor and coef.data_ptr() == 0:
+        # A tensor subclass with no memory of its own: the kernel would read address 0 (an
+        # illegal-address error that ends the process's CUDA context).
+        raise TypeError(f"{table.fn}: the clipping coefficient is a {type(coef).__name__}, which has "
+                        "no memory of its own; pass `max_norm` and `total_norm` as plain tensors")
     entry = device_table(table)
     table.check_writable(entry.torch_written)  # before the kernel: a failing call changes no grad
     if not isinstance(coef, torch.Tensor):  # a host number (the simulator's CPU "device")
@@ -570,7 +575,8 @@ def fused_clip_with_norm_(table: TensorTable, max_norm: float, total_norm: torch
         return False
     entry = device_table(table)
     table.check_writable(entry.torch_written)  # before the kernel: a failing call changes no grad
-    if entry.torch_written or total_norm.device != entry.device or _inside_a_tensor(table, total_norm):
+    if entry.torch_written or total_norm.device != entry.device or type(total_norm) is not torch.Tensor \
+            or _inside_a_tensor(table, total_norm):
         return False
     mode = K.SCALE_FROM_NORM | (K.SCALE_F64 if total_norm.dtype == torch.float64 else 0)
     _scale(entry, (entry.table, entry.n, entry.nc, total_norm.data_ptr(), mode, float(max_norm)))

@@ -99,7 +99,7 @@ def check_max_norm(max_norm: object, fn: str, arg: str = "max_norm") -> Union[fl
             raise TypeError(f"{fn}: `{arg}` must be a real number or a one-element tensor, "
                             f"got a tensor of shape {tuple(max_norm.shape)} and dtype {max_norm.dtype}")
         if max_norm.device.type != "cpu":
-            return max_norm.reshape(())
+            return plain_value(max_norm).reshape(())
         max_norm = max_norm.item()
     max_norm = _one_number(max_norm)
     if type(max_norm) is not float and (isinstance(max_norm, bool)  # ABC checks cost ~1 us
@@ -160,7 +160,18 @@ def check_flag(value: object, fn: str, arg: str, allow_none: bool = False) -> No
         raise TypeError(f"{fn}: `{arg}` must be {expected}, got {_describe(value)}")
 
 
+def plain_value(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor as the plain tensor of its value (torch's clip of DTensor grads returns a
+    DTensor norm, whose own ``data_ptr()`` is 0: a kernel must never read it); others as they are.
+    A replicated DTensor is its local tensor, with no communication."""
+    if type(t) is torch.Tensor:
+        return t
+    full = getattr(t, "full_tensor", None)
+    return full() if full is not None else t
+
+
 def check_total_norm(total_norm: object, fn: str) -> torch.Tensor:
     if not isinstance(total_norm, torch.Tensor) or total_norm.numel() != 1 or not total_norm.is_floating_point():
         raise TypeError(f"{fn}: `total_norm` must be a one-element floating-point tensor, got {_describe(total_norm)}")
+    total_norm = plain_value(total_norm)
     return total_norm if total_norm.dim() == 0 else total_norm.reshape(())  # a view costs ~1 us

@@ -89,3 +89,18 @@ def cpu_kernel_calls(monkeypatch):
                     return _kernel(*args)
                 monkeypatch.setattr(module, name, recording)
     return calls
+
+
+@pytest.fixture
+def single_rank_mesh(tmp_path):
+    """A one-rank gloo group and a 1-D CPU mesh, torn down afterwards."""
+    dist = pytest.importorskip("torch.distributed")
+    if not (dist.is_available() and dist.is_gloo_available()) or dist.is_initialized():
+        pytest.skip("needs torch.distributed with gloo, not yet initialized")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()

@@ -252,3 +252,17 @@ def test_power_sums_launch_writes_per_tensor_sums_only_when_asked(small_chunks, 
     assert launches[1][8:] == (base, 0, 0, base + 8, base + 16) and launches[1][6] == _cuda.K.COUNT_NONFINITE
     assert r.per_tensor.data_ptr() == base + 16 and r.per_tensor.shape == (2,)
     assert r.nonfinite.data_ptr() == base + 8
+
+
+def test_a_coefficient_without_memory_of_its_own_is_refused_before_any_launch(monkeypatch):
+    """A tensor subclass whose data_ptr() is 0 would send address 0 to the scale kernel (an
+    illegal address, which ends the CUDA context): refused before the table is even built."""
+    two_tensor = pytest.importorskip("torch.testing._internal.two_tensor")
+    grad = torch.ones(5)
+    table = TensorTable.from_tensors([grad], torch.float32)
+    table.fn = "clip_grads_with_norm_"
+    monkeypatch.setattr(_cuda, "device_table", lambda t: pytest.fail("a table was built"))
+    coef = two_tensor.TwoTensor(torch.tensor(0.5), torch.tensor(0.5))
+    with pytest.raises(TypeError, match="^clip_grads_with_norm_: the clipping coefficient is a TwoTensor"):
+        _cuda.scale_(table, coef)
+    assert torch.equal(grad, torch.ones(5))

@@ -308,21 +308,6 @@ def test_cuda_fused_path_never_syncs():
         torch.cuda.set_sync_debug_mode("default")
 
 
-@pytest.fixture
-def single_rank_mesh(tmp_path):
-    """A one-rank gloo group and a 1-D CPU mesh, torn down afterwards."""
-    dist = pytest.importorskip("torch.distributed")
-    if not (dist.is_available() and dist.is_gloo_available()) or dist.is_initialized():
-        pytest.skip("needs torch.distributed with gloo, not yet initialized")
-    from torch.distributed.device_mesh import init_device_mesh
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dist.destroy_process_group()
-
-
 def test_dtensor_grads(single_rank_mesh, monkeypatch):
     """FSDP2-style DTensor params and grads: the local shards are read, the power sum goes
     through the ranks' all-reduce, and the results equal those of plain tensors."""

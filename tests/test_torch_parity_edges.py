@@ -219,3 +219,24 @@ def test_freed_grad_storage_is_refused_by_name_before_any_write():
     finally:  # memory again before any failure report prints the tensor (that read would crash)
         freed.grad.untyped_storage().resize_(3 * 4)
     assert torch.equal(plain.grad, torch.full((5,), 10.0))
+
+
+def test_a_dtensor_norm_is_read_as_its_value(single_rank_mesh):
+    """torch's clip_grad_norm_ of DTensor grads returns a DTensor norm (FSDP2 code may pass it on
+    to clip_grads_with_norm_). Its own data_ptr() is 0, which a CUDA kernel must never read:
+    validation takes its value as a plain tensor, and the grads are scaled as by the value."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    from fastclip import _validate as V
+
+    value = torch.tensor(5.0)
+    norm = DTensor.from_local(value.clone(), single_rank_mesh, [Replicate()])
+    assert norm.data_ptr() == 0  # what the kernel would have read
+    checked = V.check_total_norm(norm, "clip_grads_with_norm_")
+    assert type(checked) is torch.Tensor and checked.data_ptr() != 0 and checked.item() == 5.0
+    grads = [torch.tensor([3.0, 4.0, 12.0]), torch.tensor([1.5])]
+    ours, theirs = [param_with_grad(g.clone()) for g in grads], [param_with_grad(g.clone()) for g in grads]
+    fastclip.clip_grads_with_norm_(ours, 1.0, norm)
+    fastclip.clip_grads_with_norm_(theirs, 1.0, value)
+    for a, b in zip(ours, theirs):
+        assert_bitwise_equal(a.grad, b.grad)
