@@ -513,6 +513,48 @@ def test_last_block_finalize_is_race_free_under_repetition(C, monkeypatch, block
     C.clear_cache()
 
 
+def test_last_block_finalize_is_race_free_on_a_full_grid(C):
+    """The test above runs 7 or 11 blocks, one wave. Here over a thousand chunks on the default
+    grid (every resident block of the GPU, several waves of chunks each), with the per-tensor
+    folds and the non-finite count on: 200 launches, every result's bits equal to the first."""
+    C.clear_cache()
+    grads = [torch.randn(1 << 26, device="cuda")] + _grads(SETS["many-small"])
+    grads[0][12345] = math.nan
+    table = TensorTable.from_tensors(grads, [t.dtype for t in grads])
+    assert C.device_table(table).nc > 1000
+    runs = [C.power_sums(table, 2.0, count_nonfinite=True) for _ in range(200)]
+    per_tensor = torch.stack([r.per_tensor for r in runs])
+    counts = torch.stack([r.nonfinite for r in runs])
+    assert int(counts[0]) == 1 and math.isnan(float(runs[0].total))
+    assert_bitwise_equal(counts, counts[0].expand_as(counts))
+    assert_bitwise_equal(per_tensor, per_tensor[0].expand_as(per_tensor))
+    finite = grads[1:]
+    norms = torch.stack([fastclip.get_total_norm(finite) for _ in range(200)])
+    assert_bitwise_equal(norms, norms[0].expand_as(norms))
+    assert_norm_close(norms[0], finite, 2.0)
+    C.clear_cache()
+
+
+def test_kernels_wait_for_work_queued_on_the_current_stream(C):
+    """A launch on the wrong stream (the legacy one, say) would not wait for the copy queued on
+    torch's current stream behind a long sleep, and would read the old grads."""
+    s = torch.cuda.Stream()
+    grads = _grads(SETS["mixed"], scale=3.0)
+    fresh = [g * 2 for g in grads]
+    torch.cuda.synchronize()
+    with torch.cuda.stream(s):
+        torch.cuda._sleep(50_000_000)  # ~tens of ms of GPU time on s before the copies
+        for g, f in zip(grads, fresh):
+            g.copy_(f)
+        norm = fastclip.clip_grad_norm_(_params(grads), 1.0)
+    s.synchronize()
+    assert_norm_close(norm, fresh, 2.0)
+    expected = [f.clone() for f in fresh]
+    reference_clip_(expected, 1.0, norm)
+    for g, e in zip(grads, expected):
+        assert_bitwise_equal(g, e, nan_bits=False)
+
+
 @pytest.mark.slow
 def test_a_tensor_of_more_than_2_31_elements(C):
     """64-bit indexing end to end: a 4 GiB bfloat16 grad of 2**31 + 5 elements."""
