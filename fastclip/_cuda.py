@@ -51,9 +51,10 @@ _cache: "OrderedDict[tuple, _DeviceTable]" = OrderedDict()
 _available: Optional[bool] = None
 
 
-def is_available() -> bool:
+def is_available(device: Optional[torch.device] = None) -> bool:
     """True when CUDA tensors can run on fastclip's kernels (a GPU, a driver, numba-cuda, and
-    a kernel that compiles and loads on the current device)."""
+    the two kernels of a clip compiling and loading), decided once, on ``device`` (the first
+    grads' device; the current device when None)."""
     global _available
     if _available is None:
         ok = False
@@ -65,10 +66,15 @@ def is_available() -> bool:
             except Exception:  # a broken driver or toolkit: torch does the work
                 ok = False
             if ok:
-                # Load one kernel now, so that a toolkit the driver cannot run (PTX newer than
-                # the driver, say) means torch's implementation, not an error on the first clip.
+                # Load a clip's two kernels now, so that a toolkit the driver cannot run (PTX
+                # newer than the driver, say) means torch's implementation, not an error on the
+                # first clip. On the grads' device: a DDP rank that never called set_device
+                # would otherwise make a context on GPU 0.
+                index = device.index if device is not None and device.index is not None \
+                    else torch.cuda.current_device()
                 try:
-                    _power_sums.prepare(torch.cuda.current_device())
+                    _power_sums.prepare(index)
+                    _scale.prepare(index)
                 except Exception as exc:
                     warnings.warn(f"fastclip: numba-cuda cannot load fastclip's kernels on this GPU "
                                   f"({exc!r}); CUDA gradients are clipped by torch's implementation",

@@ -43,7 +43,7 @@ def _backend_for(device: torch.device) -> Optional[ModuleType]:
                                         f"numba-cuda ({exc!r}); CUDA gradients are clipped by "
                                         "torch's implementation")
             return None
-        return _cuda if _cuda.is_available() else None
+        return _cuda if _cuda.is_available(device) else None
     return None
 
 

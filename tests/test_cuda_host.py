@@ -42,8 +42,29 @@ def test_a_kernel_that_cannot_load_means_torch_with_a_warning(fresh_availability
 
 def test_kernels_that_load_make_the_backend_available(fresh_availability, monkeypatch):
     loaded = []
+    monkeypatch.setattr(_cuda._power_sums, "prepare", lambda index: loaded.append(("norm", index)) or {})
+    monkeypatch.setattr(_cuda._scale, "prepare", lambda index: loaded.append(("scale", index)) or {})
+    assert _cuda.is_available() is True and loaded == [("norm", 0), ("scale", 0)]
+
+
+def test_availability_is_decided_on_the_grads_device(fresh_availability, monkeypatch):
+    """Not on the current device: a DDP rank that never called set_device would make a CUDA
+    context (hundreds of MB) on GPU 0."""
+    loaded = []
     monkeypatch.setattr(_cuda._power_sums, "prepare", lambda index: loaded.append(index) or {})
-    assert _cuda.is_available() is True and loaded == [0]
+    monkeypatch.setattr(_cuda._scale, "prepare", lambda index: loaded.append(index) or {})
+    assert _cuda.is_available(torch.device("cuda", 3)) is True and loaded == [3, 3]
+
+
+def test_a_scale_kernel_that_cannot_load_means_torch_too(fresh_availability, monkeypatch):
+    monkeypatch.setattr(_cuda._power_sums, "prepare", lambda index: {})
+
+    def fail(index):
+        raise RuntimeError("CUDA_ERROR_NO_BINARY_FOR_GPU")
+
+    monkeypatch.setattr(_cuda._scale, "prepare", fail)
+    with pytest.warns(RuntimeWarning, match="cannot load fastclip's kernels.*NO_BINARY"):
+        assert _cuda.is_available() is False
 
 
 class _Dispatcher:
