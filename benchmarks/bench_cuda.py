@@ -36,6 +36,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 
 import torch
 
@@ -140,6 +141,56 @@ def gpu_ms(fn, reps: int, target_ms: float = 40.0) -> float:
     return statistics.median(times)
 
 
+_cycles_per_ms: list = []
+
+
+def _sleep_cycles_per_ms() -> float:
+    """GPU clock cycles per millisecond of ``torch.cuda._sleep``, measured once."""
+    if not _cycles_per_ms:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(1_000_000)  # warm
+        start.record()
+        torch.cuda._sleep(20_000_000)
+        end.record()
+        end.synchronize()
+        _cycles_per_ms.append(20_000_000 / max(start.elapsed_time(end), 1e-3))
+    return _cycles_per_ms[0]
+
+
+def gpu_only_ms(fn, reps: int, target_ms: float = 40.0) -> float:
+    """Median GPU milliseconds per call with the host out of the way: a sleep kernel queued
+    before the start event keeps the GPU busy while the host queues ``iters`` calls, so the
+    events time the calls' device work alone, not the Python that launches them (``gpu_ms``
+    times whichever is slower: on many small tensors, the host). Sleeps for 1.5x the host's
+    queueing time of the previous batch, plus 2 ms. Batches of about ``target_ms``, 3 to 20
+    calls."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    iters = max(3, min(20, int(target_ms / max(start.elapsed_time(end), 1e-3))))
+    t = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    host_ms = (time.perf_counter() - t) * 1e3
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        torch.cuda._sleep(int((1.5 * host_ms + 2.0) * _sleep_cycles_per_ms()))
+        t = time.perf_counter()
+        start.record()
+        for _ in range(iters):
+            fn()
+        end.record()
+        host_ms = (time.perf_counter() - t) * 1e3
+        end.synchronize()
+        times.append(start.elapsed_time(end) / iters)
+    return statistics.median(times)
+
+
 def host_us(fn, calls: int = 300) -> float:
     """Median host microseconds per call (no synchronization inside the loop)."""
     for _ in range(20):
@@ -164,7 +215,7 @@ def copy_gbps(nbytes: int, reps: int) -> float:
 # --- the run ----------------------------------------------------------------------------------------
 
 
-def run(args) -> dict:
+def run(args, save=lambda result: None) -> dict:
     from fastclip import _cuda
     from fastclip.kernels import cuda as K
 
@@ -199,17 +250,39 @@ def run(args) -> dict:
 
     copy = copy_gbps(1 << 30, args.reps)
     print(f"# device copy: {copy:.0f} GB/s (read + write)", flush=True)
+    result = {"meta": meta, "copy_gbps": copy, "sets": [], "host": {}, "chunk_sweep": [],
+              "targets": TARGETS}
+    save(result)
 
-    rows = []
+    # Each stage on its own: an error in one (out of memory, a CUDA error) is recorded and the
+    # others still run; the JSON is rewritten after every stage, so a timeout keeps what ran.
+    result["host"] = _stage("host overhead", lambda: host_overhead(dev))
+    save(result)
     for name in args.sets.split(","):
-        rows.append(measure_set(name, dev, args.reps, copy))
-        print(_row_text(rows[-1]), flush=True)
+        row = _stage(name, lambda: measure_set(name, dev, args.reps, copy))
+        row.setdefault("set", name)
+        result["sets"].append(row)
+        if "error" not in row:
+            print(_row_text(row), flush=True)
         torch.cuda.empty_cache()
+        save(result)
+    if args.chunk_sweep:
+        sweep = _stage("chunk sweep", lambda: chunk_sweep(args.chunk_sweep, dev, args.reps, copy))
+        result["chunk_sweep"] = sweep if isinstance(sweep, list) else [sweep]
+        save(result)
+    return result
 
-    host = host_overhead(dev)
-    sweep = chunk_sweep(args.chunk_sweep, dev, args.reps, copy) if args.chunk_sweep else []
-    return {"meta": meta, "copy_gbps": copy, "sets": rows, "host": host, "chunk_sweep": sweep,
-            "targets": TARGETS}
+
+def _stage(name: str, work):
+    """``work()``, or ``{"error": ...}`` when it raised (printed, with its traceback)."""
+    try:
+        out = work()
+        torch.cuda.synchronize()  # an asynchronous error belongs to this stage
+        return out
+    except Exception as exc:  # noqa: BLE001 - recorded, and the exit status says so
+        traceback.print_exc()
+        print(f"# {name}: FAILED ({exc!r})", flush=True)
+        return {"error": repr(exc)}
 
 
 def chunk_sweep(spec: str, dev, reps: int, copy: float) -> list:
@@ -299,10 +372,18 @@ def measure_set(name: str, dev, reps: int, copy: float) -> dict:
     for key in ("clip_fastclip_ms", "clip_torch_ms", "value_clamp_fastclip_ms", "value_clamp_torch_ms"):
         row[key + "_with_restore"] = row[key]
         row[key] -= row["restore_ms"]
+    # Device time alone (the host queues ahead behind a sleep kernel): on many small tensors the
+    # figures above time the Python that launches the kernels.
+    for key in ("no_clip_fastclip_ms", "no_clip_torch_ms", "clip_fastclip_ms", "clip_torch_ms"):
+        row[key.replace("_ms", "_gpu_only_ms")] = gpu_only_ms(timings[key], reps)
+    row["restore_gpu_only_ms"] = gpu_only_ms(restore, reps)
+    for key in ("clip_fastclip_gpu_only_ms", "clip_torch_gpu_only_ms"):
+        row[key] -= row["restore_gpu_only_ms"]
     restore()
     fastclip.clip_grad_value_(params, clip_value)
     row["value_clamp_matches_torch"] = all(
         torch.equal(g, s.clamp(-clip_value, clip_value)) for g, s in zip(grads, saved))
+    row.update(check_clip_steps(params, grads, saved, exact, restore))
     restore()
     row["no_clip_speedup"] = row["no_clip_torch_ms"] / row["no_clip_fastclip_ms"]
     row["clip_speedup"] = row["clip_torch_ms"] / row["clip_fastclip_ms"]
@@ -310,7 +391,39 @@ def measure_set(name: str, dev, reps: int, copy: float) -> dict:
     row["value_clamp_speedup"] = row["value_clamp_torch_ms"] / row["value_clamp_fastclip_ms"]
     row["norm_read_gbps"] = nbytes / (row["no_clip_fastclip_ms"] * 1e-3) / 1e9
     row["norm_vs_copy"] = row["norm_read_gbps"] / copy
+    row["no_clip_speedup_gpu_only"] = row["no_clip_torch_gpu_only_ms"] / row["no_clip_fastclip_gpu_only_ms"]
+    row["clip_speedup_gpu_only"] = row["clip_torch_gpu_only_ms"] / row["clip_fastclip_gpu_only_ms"]
+    row["norm_vs_copy_gpu_only"] = nbytes / (row["no_clip_fastclip_gpu_only_ms"] * 1e-3) / 1e9 / copy
     return row
+
+
+NORM_RTOL = 1e-6  # the returned norm is float32 (float64 sums, one rounding: ~6e-8 from exact)
+
+
+def _scaled_like_fastclip(saved: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """``saved`` times ``coef`` as fastclip promises: float64 grads in float64, the others in
+    float32 by float32(coef), rounded once."""
+    if saved.dtype == torch.float64:
+        return saved * coef.double()
+    return (saved.float() * coef.float()).to(saved.dtype)
+
+
+def check_clip_steps(params, grads, saved, exact: float, restore) -> dict:
+    """The timed calls' results, checked outside the timing: a clipping call's norm against the
+    exact norm and its grads, bit for bit, against the saved grads scaled by torch's coefficient
+    of that norm; a non-clipping call leaves every grad as it was. ``checks_passed`` is False if
+    any differs (a scale kernel that wrote nothing, or part of the grads, would look fast)."""
+    restore()
+    norm = fastclip.clip_grad_norm_(params, 1e-2)
+    coef = torch.clamp(1e-2 / (norm + 1e-6), max=1.0)
+    clipped = all(torch.equal(g, _scaled_like_fastclip(s, coef)) for g, s in zip(grads, saved))
+    norm_err = abs(float(norm) - exact) / exact
+    restore()
+    fastclip.clip_grad_norm_(params, 1e30)
+    unchanged = all(torch.equal(g, s) for g, s in zip(grads, saved))
+    return {"clip_norm_rel_err": norm_err, "clip_grads_match": clipped,
+            "no_clip_grads_unchanged": unchanged,
+            "checks_passed": clipped and unchanged and norm_err <= NORM_RTOL}
 
 
 def host_overhead(dev) -> dict:
@@ -372,10 +485,22 @@ def print_summary(result: dict) -> None:
     print(f"{'set':<18} {'no-clip x':>9} {'clip x':>7} {'norm/copy':>9}   clip_grad_value_: "
           f"{'no-clamp x':>10} {'clamp x':>7}")
     for r in result["sets"]:
+        if "error" in r:
+            print(f"{r['set']:<18} FAILED: {r['error']}")
+            continue
         print(f"{r['set']:<18} {r['no_clip_speedup']:>9.2f} {r['clip_speedup']:>7.2f} "
               f"{100 * r['norm_vs_copy']:>8.0f}%   {'':>17}{r['value_no_clamp_speedup']:>10.2f} "
               f"{r['value_clamp_speedup']:>7.2f}")
+        if "no_clip_speedup_gpu_only" in r:
+            print(f"{'  device time only':<18} {r['no_clip_speedup_gpu_only']:>9.2f} "
+                  f"{r['clip_speedup_gpu_only']:>7.2f} {100 * r['norm_vs_copy_gpu_only']:>8.0f}%"
+                  f"   results {'checked' if r.get('checks_passed') else 'DIFFER (see the JSON)'}")
     h = result["host"]
+    if "error" in h:
+        print(f"targets: no-clip >= {t['no_clip_speedup']}x, clip >= {t['clip_speedup']}x, "
+              f"norm >= {100 * t['norm_vs_copy']:.0f}% of copy, host <= {t['host_us']:.0f} us "
+              f"(host figures FAILED: {h['error']})")
+        return
     print(f"targets: no-clip >= {t['no_clip_speedup']}x, clip >= {t['clip_speedup']}x, "
           f"norm >= {100 * t['norm_vs_copy']:.0f}% of copy, host <= {t['host_us']:.0f} us "
           f"(measured {h['clip_fastclip_us']:.1f} us clip, {h['no_clip_fastclip_us']:.1f} us no-clip; "
@@ -402,14 +527,39 @@ def main(argv=None) -> int:
               "or a kernel the driver cannot load; see any fastclip warning above); nothing to "
               "compare", file=sys.stderr)
         return 3
-    result = run(args)
+    def save(result: dict) -> None:
+        if args.out:  # whole or not at all: written beside, then renamed over the last one
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out + ".tmp", "w") as f:
+                json.dump(result, f, indent=2)
+            os.replace(args.out + ".tmp", args.out)
+
+    result = run(args, save)
     print_summary(result)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
         print(f"# wrote {args.out}")
-    return 0
+    failed = failures(result)
+    for line in failed:
+        print(f"bench_cuda: FAILED: {line}", file=sys.stderr)
+    return 4 if failed else 0
+
+
+def failures(result: dict) -> list:
+    """What went wrong: a stage that raised, or a set whose checked results differ."""
+    out = []
+    for r in result["sets"]:
+        if "error" in r:
+            out.append(f"{r['set']}: {r['error']}")
+        elif not (r.get("checks_passed") and r.get("value_clamp_matches_torch")):
+            out.append(f"{r['set']}: results differ (norm rel err {r.get('clip_norm_rel_err')}, "
+                       f"clipped grads match {r.get('clip_grads_match')}, no-clip grads unchanged "
+                       f"{r.get('no_clip_grads_unchanged')}, clamp matches torch "
+                       f"{r.get('value_clamp_matches_torch')})")
+    for stage in ("host",):
+        if isinstance(result.get(stage), dict) and "error" in result[stage]:
+            out.append(f"{stage}: {result[stage]['error']}")
+    out += [f"chunk sweep: {s['error']}" for s in result.get("chunk_sweep", []) if "error" in s]
+    return out
 
 
 if __name__ == "__main__":

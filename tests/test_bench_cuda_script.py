@@ -52,14 +52,18 @@ def test_every_timed_clip_starts_from_unclipped_grads(bench, monkeypatch):
         return 1.0 if fn.__name__ == "restore" else 3.0
 
     monkeypatch.setattr(bench, "gpu_ms", gpu_ms)
+    monkeypatch.setattr(bench, "gpu_only_ms", lambda fn, reps: gpu_ms(fn, reps))
     params, grads = bench.make_set("tiny", torch.device("cpu"))
     before = [g.clone() for g in grads]
     monkeypatch.setattr(bench, "make_set", lambda name, dev: (params, grads))
     row = bench.measure_set("tiny", torch.device("cpu"), 1, 100.0)
     clip_coefs = [c for c in coefs if c != 1.0]
-    # Every timed clip call clipped, from the same grads: the same coefficient each time.
-    assert len(clip_coefs) == 5 and len(set(clip_coefs)) == 1 and clip_coefs[0] < 0.5
-    assert coefs.count(1.0) == 5  # the non-clipping step's calls
+    # Every timed clip call clipped, from the same grads: the same coefficient each time (5 calls
+    # timed with the host, 5 for device time alone, and the checked one).
+    assert len(clip_coefs) == 11 and len(set(clip_coefs)) == 1 and clip_coefs[0] < 0.5
+    assert coefs.count(1.0) == 11  # the non-clipping step's calls, likewise
+    assert row["checks_passed"] is True and row["clip_norm_rel_err"] < 1e-6
+    assert row["clip_fastclip_gpu_only_ms"] == 2.0 and row["no_clip_speedup_gpu_only"] == 1.0
     for g, b in zip(grads, before):
         assert torch.equal(g, b)  # restored after timing
     assert row["clip_fastclip_ms"] == 2.0 and row["clip_fastclip_ms_with_restore"] == 3.0
@@ -126,3 +130,42 @@ def test_summary_prints_every_target_and_the_host_split(bench, capsys):
     assert "gpt2-124m" in out and "3.00" in out and "90%" in out
     assert "clip_grad_value_" in out and "4.25" in out and "2.75" in out
     assert "host <= 60 us" in out and "71.0 us clip" in out and "52.5 us of the clip without" in out
+
+
+def _timed_row(bench, monkeypatch):
+    def gpu_ms(fn, reps, target_ms=40.0):
+        fn()
+        return 1.0 if fn.__name__ == "restore" else 3.0
+
+    monkeypatch.setattr(bench, "gpu_ms", gpu_ms)
+    monkeypatch.setattr(bench, "gpu_only_ms", lambda fn, reps: gpu_ms(fn, reps))
+    params, grads = bench.make_set("tiny", torch.device("cpu"))
+    monkeypatch.setattr(bench, "make_set", lambda name, dev: (params, grads))
+    return bench.measure_set("tiny", torch.device("cpu"), 1, 100.0)
+
+
+def test_a_clip_that_writes_nothing_fails_the_checks_and_the_run(bench, monkeypatch):
+    """Negative control of the checks: a clip that returns the right norm but scales nothing
+    would time fast; its row fails the checks, and the run's exit status says so."""
+    def clip_without_writing(params, max_norm, *args, **kwargs):
+        return fastclip.get_total_norm([p.grad for p in params])
+
+    monkeypatch.setattr(bench.fastclip, "clip_grad_norm_", clip_without_writing)
+    row = _timed_row(bench, monkeypatch)
+    assert row["checks_passed"] is False and row["clip_grads_match"] is False
+    assert row["no_clip_grads_unchanged"] is True
+    failed = bench.failures({"sets": [row], "host": {}, "chunk_sweep": []})
+    assert len(failed) == 1 and "tiny: results differ" in failed[0]
+
+
+def test_a_stage_that_raises_is_recorded_and_the_others_run(bench, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    out = bench._stage("gpt2-xl", lambda: (_ for _ in ()).throw(RuntimeError("CUDA out of memory")))
+    assert out == {"error": "RuntimeError('CUDA out of memory')"}
+    assert "gpt2-xl: FAILED" in capsys.readouterr().out
+    assert bench._stage("host overhead", lambda: {"clip_fastclip_us": 1.0}) == {"clip_fastclip_us": 1.0}
+    result = {"sets": [{"set": "gpt2-xl", **out}], "host": {"clip_fastclip_us": 1.0}, "chunk_sweep": []}
+    assert bench.failures(result) == ["gpt2-xl: RuntimeError('CUDA out of memory')"]
+    bench.print_summary({"targets": bench.TARGETS, **result, "host": {"error": "x"}})
+    printed = capsys.readouterr().out
+    assert "gpt2-xl" in printed and "FAILED" in printed and "host figures FAILED" in printed
