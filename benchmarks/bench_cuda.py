@@ -476,7 +476,10 @@ def _row_text(r: dict) -> str:
             f"{r['norm_rel_err_fastclip']:.1e} (torch {r['norm_rel_err_torch']:.1e}) | "
             f"clip_grad_value_ no-clamp {r['value_no_clamp_speedup']:.2f}x, clamp "
             f"{r['value_clamp_speedup']:.2f}x ({100 * r['clamped_share']:.0f}% clamped, "
-            f"{'same values as torch' if r['value_clamp_matches_torch'] else 'VALUES DIFFER FROM TORCH'})")
+            f"{'same values as torch' if r['value_clamp_matches_torch'] else 'VALUES DIFFER FROM TORCH'}) | "
+            f"device time only: no-clip {r['no_clip_speedup_gpu_only']:.2f}x, clip "
+            f"{r['clip_speedup_gpu_only']:.2f}x, norm pass {100 * r['norm_vs_copy_gpu_only']:.0f}% of copy | "
+            f"{'results checked' if r['checks_passed'] else 'RESULTS DIFFER'}")
 
 
 def print_summary(result: dict) -> None:

@@ -169,3 +169,8 @@ def test_a_stage_that_raises_is_recorded_and_the_others_run(bench, monkeypatch, 
     bench.print_summary({"targets": bench.TARGETS, **result, "host": {"error": "x"}})
     printed = capsys.readouterr().out
     assert "gpt2-xl" in printed and "FAILED" in printed and "host figures FAILED" in printed
+
+
+def test_a_sets_line_prints_its_figures_and_checks(bench, monkeypatch):
+    line = bench._row_text(_timed_row(bench, monkeypatch))
+    assert "device time only: no-clip 1.00x" in line and "results checked" in line
