@@ -119,8 +119,8 @@ def exact_norm(grads) -> float:
 # --- timing ---------------------------------------------------------------------------------------
 
 
-def gpu_ms(fn, reps: int, target_ms: float = 40.0) -> float:
-    """Median GPU milliseconds per call, from CUDA events around a batch of calls."""
+def _first_calls(fn) -> tuple:
+    """A warm-up call, then one timed call: (its milliseconds, a start and an end event)."""
     fn()
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -128,7 +128,12 @@ def gpu_ms(fn, reps: int, target_ms: float = 40.0) -> float:
     fn()
     end.record()
     end.synchronize()
-    one = max(start.elapsed_time(end), 1e-3)
+    return max(start.elapsed_time(end), 1e-3), start, end
+
+
+def gpu_ms(fn, reps: int, target_ms: float = 40.0) -> float:
+    """Median GPU milliseconds per call, from CUDA events around a batch of calls."""
+    one, start, end = _first_calls(fn)
     iters = max(1, min(200, int(target_ms / one)))
     times = []
     for _ in range(reps):
@@ -164,14 +169,8 @@ def gpu_only_ms(fn, reps: int, target_ms: float = 40.0) -> float:
     times whichever is slower: on many small tensors, the host). Sleeps for 1.5x the host's
     queueing time of the previous batch, plus 2 ms. Batches of about ``target_ms``, 3 to 20
     calls."""
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    iters = max(3, min(20, int(target_ms / max(start.elapsed_time(end), 1e-3))))
+    one, start, end = _first_calls(fn)
+    iters = max(3, min(20, int(target_ms / one)))
     t = time.perf_counter()
     for _ in range(iters):
         fn()
