@@ -121,8 +121,21 @@ def _stream_handle(device: torch.device) -> int:
 
 
 def _capturing(device: torch.device) -> bool:
+    """True while ``device``'s current stream (the one the kernels launch on) is being captured.
+
+    torch's query asks the *current* device's current stream: for grads on another device (a
+    capture on cuda:1 while cuda:0 is current) it would answer for the wrong stream, and the
+    capture would record the eager cache's table, which a later call may evict and free.
+    """
     if device.type != "cuda":
         return False
+    if device.index is not None and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device.index):
+            return _current_stream_capturing()
+    return _current_stream_capturing()
+
+
+def _current_stream_capturing() -> bool:
     if _is_capturing is not None:
         return bool(_is_capturing())
     return torch.cuda.is_current_stream_capturing()
@@ -510,21 +523,47 @@ def scale_(table: TensorTable, coef: torch.Tensor, always: bool = False) -> None
 def clamp_(table: TensorTable, bound: float) -> None:
     """Clamp every tensor to ``[-bound, bound]`` in place."""
     entry = device_table(table)
+    if not _clamp_kernel_loads(entry):
+        # is_available loads a norm clip's two kernels only (every CUDA user pays for those);
+        # the clamp kernel loads at the first clip_grad_value_, and one that cannot load means
+        # torch's ops for this call, as the other two would have meant for the whole backend.
+        table.check_writable(range(len(table.tensors)))
+        for t in table.tensors:
+            _clamp_like_kernel_(t, bound)
+        return
     table.check_writable(entry.torch_written)
     _clamp(entry, (entry.table, entry.n, entry.nc, float(bound)))
     mark_written(table.tensors)
     for i in entry.torch_written:
-        t = table.tensors[i]
-        if t.dtype == torch.float64:
-            t.clamp_(min=-bound, max=bound)
-            continue
-        # Like the kernel: compare in float64, store the bound rounded to the dtype, leave the
-        # other elements (NaN payloads included) alone. torch's clamp_ in a narrower dtype
-        # refuses a bound beyond its range (7e4 for float16, say), and the kernel has written.
-        # torch.where with a 0-d device tensor never reads it on the host (masked_fill_ may).
-        wide = t.double()
-        limit = torch.full((), bound, dtype=torch.float64, device=t.device).to(t.dtype)
-        t.copy_(torch.where(wide > bound, limit, torch.where(wide < -bound, -limit, t)))
+        _clamp_like_kernel_(table.tensors[i], bound)
+
+
+def _clamp_kernel_loads(entry: _DeviceTable) -> bool:
+    if K.SIMULATOR or entry.index < 0:
+        return True
+    try:
+        _clamp.prepare(entry.index)
+        return True
+    except Exception as exc:
+        from fastclip._plan import _warn_once
+
+        _warn_once("no_clamp_kernel", f"fastclip: numba-cuda cannot load fastclip's clamp kernel "
+                                      f"on this GPU ({exc!r}); clip_grad_value_ runs torch's ops")
+        return False
+
+
+def _clamp_like_kernel_(t: torch.Tensor, bound: float) -> None:
+    """Clamp ``t`` in place with torch's ops, with the clamp kernel's results."""
+    if t.dtype == torch.float64:
+        t.clamp_(min=-bound, max=bound)
+        return
+    # Like the kernel: compare in float64, store the bound rounded to the dtype, leave the
+    # other elements (NaN payloads included) alone. torch's clamp_ in a narrower dtype refuses
+    # a bound beyond its range (7e4 for float16, say), and the kernel may have written others.
+    # torch.where with a 0-d device tensor never reads it on the host (masked_fill_ may).
+    wide = t.double()
+    limit = torch.full((), bound, dtype=torch.float64, device=t.device).to(t.dtype)
+    t.copy_(torch.where(wide > bound, limit, torch.where(wide < -bound, -limit, t)))
 
 
 def fused_norm(table: TensorTable, p: float, dtype: torch.dtype) -> torch.Tensor:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Optional, Union, cast
 
+import numpy as np
 import torch
 
 from fastclip import _cpu
@@ -65,6 +66,28 @@ def _one_device_and_dtype(tensors: list) -> Optional[tuple[torch.device, torch.d
     if all(t.device == device and t.dtype == dtype for t in tensors):
         return device, dtype
     return None
+
+
+_WORDS = {torch.float64: np.float64, torch.int64: np.int64}
+
+
+def host_to_device(value, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A backend's result (numpy array, Python number, list, or tensor) as a ``dtype`` tensor
+    (float64 or int64) on ``device``, never making the host wait.
+
+    Host values go to a GPU from pinned memory (``_cuda.upload_int64``): a copy from pageable
+    memory makes the host wait for the stream, and one made while the stream is being captured
+    fails (the upload then takes memory that no later call reuses).
+    """
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=dtype, non_blocking=True)
+    host = np.asarray(value, dtype=_WORDS[dtype])
+    if device.type == "cuda":
+        from fastclip._cuda import upload_int64
+
+        words = np.ascontiguousarray(host).reshape(-1).view(np.int64)
+        return upload_int64(words, device).view(dtype).reshape(host.shape)
+    return torch.from_numpy(host).to(device)
 
 
 @dataclass
@@ -205,7 +228,7 @@ class Plan:
             # One device: its total as it is, no stack and sum to launch. It may be a view into
             # the backend's result buffer; nothing writes to it (all-reduces work on a copy).
             return totals[0]
-        stacked = torch.stack([torch.as_tensor(t, dtype=torch.float64).to(self.first_device).reshape(())
+        stacked = torch.stack([host_to_device(t, torch.float64, self.first_device).reshape(())
                                for t in totals])
         return stacked.amax() if p == math.inf else stacked.sum()
 

@@ -9,21 +9,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
 import torch
 
-from fastclip._plan import tensor_root
-
-
-def _as_device_tensor(value, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A backend's result (numpy array, Python number or tensor) as a tensor on ``device``.
-
-    Host values are copied with ``non_blocking=True``: a blocking host-to-device copy would
-    synchronize with the device's stream.
-    """
-    if isinstance(value, np.ndarray):
-        value = torch.from_numpy(value)
-    return torch.as_tensor(value, dtype=dtype).to(device, non_blocking=True)
+from fastclip._plan import host_to_device as _as_device_tensor, tensor_root
 
 
 class ClipStats:

@@ -287,3 +287,105 @@ def test_a_coefficient_without_memory_of_its_own_is_refused_before_any_launch(mo
     with pytest.raises(TypeError, match="^clip_grads_with_norm_: the clipping coefficient is a TwoTensor"):
         _cuda.scale_(table, coef)
     assert torch.equal(grad, torch.ones(5))
+
+
+def test_capture_is_asked_of_the_stream_the_kernels_launch_on(monkeypatch):
+    """torch's query answers for the current device's current stream; grads on another device
+    launch on that device's stream, so the question is asked there (and the current device
+    restored). Stand-ins: devices 0 and 1, of which only 1 is capturing."""
+    current = [0]
+    capturing = {1}
+
+    @contextlib.contextmanager
+    def device(index):
+        saved, current[0] = current[0], index
+        try:
+            yield
+        finally:
+            current[0] = saved
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(_cuda, "_is_capturing", lambda: current[0] in capturing)
+    assert _cuda._capturing(torch.device("cuda", 1)) is True
+    assert _cuda._capturing(torch.device("cuda", 0)) is False
+    assert current == [0]
+    capturing = {0}
+    monkeypatch.setattr(_cuda, "_is_capturing", lambda: current[0] in capturing)
+    assert _cuda._capturing(torch.device("cuda", 1)) is False
+    assert _cuda._capturing(torch.device("cuda", 0)) is True
+    assert _cuda._capturing(torch.device("cpu")) is False
+
+
+class _UnloadableKernel:
+    def prepare(self, index):
+        raise RuntimeError("CUDA_ERROR_NO_BINARY_FOR_GPU")
+
+    def __call__(self, entry, args):
+        pytest.fail("a kernel that cannot load was launched")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_a_clamp_kernel_that_cannot_load_means_torchs_ops_for_that_call(small_chunks, monkeypatch, dtype):
+    """``is_available`` loads the norm and scale kernels only; a clamp kernel that cannot load
+    at the first ``clip_grad_value_`` means torch's ops (a warning, then torch's results), not
+    an error. The CPU "device" table stands in for one on GPU 0."""
+    from fastclip import _plan
+
+    monkeypatch.setattr(_cuda, "_clamp", _UnloadableKernel())
+    monkeypatch.setattr(_plan, "_warned", set())
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(40, generator=g).to(dtype) * 3, torch.randn(7, 6, generator=g).to(dtype).t()[1:],
+             torch.tensor([float("nan"), -float("inf"), 0.5]).to(dtype)]
+    expected = [t.clone() for t in grads]
+    for t in expected:  # torch's clip_grad_value_: clamp_min_ then clamp_max_ on each grad
+        t.clamp_(min=-1.0, max=1.0)
+    table = _cpu_table(grads)
+    entry = _cuda.device_table(table)
+    entry.index = 0
+    with pytest.warns(RuntimeWarning, match="cannot load fastclip's clamp kernel.*NO_BINARY"):
+        _cuda.clamp_(table, 1.0)
+    for ours, theirs in zip(grads, expected):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0, equal_nan=True)
+
+
+def test_a_clamp_that_falls_back_refuses_inference_grads_before_any_write(small_chunks, monkeypatch):
+    """torch's clamp_ refuses an inference tensor outside inference mode: checked for every grad
+    first, so a refused call changes none."""
+    monkeypatch.setattr(_cuda, "_clamp", _UnloadableKernel())
+    first = torch.full((5,), 3.0)
+    with torch.inference_mode():
+        second = torch.full((5,), 3.0)
+    table = _cpu_table([first, second])
+    _cuda.device_table(table).index = 0
+    with pytest.warns(RuntimeWarning), pytest.raises(RuntimeError, match="inference tensor"):
+        _cuda.clamp_(table, 1.0)
+    assert torch.equal(first, torch.full((5,), 3.0))
+
+
+def test_host_values_reach_a_gpu_from_pinned_memory(monkeypatch):
+    """Host results (the CPU backend's sums in a plan that also has CUDA grads, ``ClipStats``'s
+    index lists) go to a GPU through ``upload_int64``: pinned memory, no host wait, and an arena
+    view while capturing. A copy from pageable memory makes the host wait for the stream."""
+    from fastclip._plan import host_to_device
+
+    uploads = []
+
+    def upload(host, device, capturing=None):
+        assert host.dtype == np.int64 and device == torch.device("cuda", 0)
+        uploads.append(host.copy())
+        return torch.from_numpy(host.copy())
+
+    monkeypatch.setattr(_cuda, "upload_int64", upload)
+    gpu = torch.device("cuda", 0)
+    index = host_to_device([0, 2, 5], torch.int64, gpu)
+    sums = host_to_device(np.array([1.5, -2.0]), torch.float64, gpu)
+    count = host_to_device(3, torch.int64, gpu)
+    total = host_to_device(2.5, torch.float64, gpu)
+    assert len(uploads) == 4
+    assert index.dtype == torch.int64 and index.tolist() == [0, 2, 5]
+    assert sums.dtype == torch.float64 and sums.tolist() == [1.5, -2.0]
+    assert count.shape == () and count.item() == 3
+    assert total.shape == () and total.dtype == torch.float64 and total.item() == 2.5
+    cpu = host_to_device(np.array([1.0, 2.0]), torch.float64, torch.device("cpu"))
+    assert len(uploads) == 4 and cpu.tolist() == [1.0, 2.0]
