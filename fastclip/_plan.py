@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
 import warnings
 from dataclasses import dataclass
 from types import ModuleType
@@ -82,12 +83,10 @@ def host_to_device(value, dtype: torch.dtype, device: torch.device) -> torch.Ten
     if isinstance(value, torch.Tensor):
         return value.to(device=device, dtype=dtype, non_blocking=True)
     host = np.asarray(value, dtype=_WORDS[dtype])
-    if device.type == "cuda":
-        from fastclip._cuda import upload_int64
-
+    if device.type == "cuda" and "fastclip._cuda" in sys.modules:  # a plan with a CUDA set has it
         words = np.ascontiguousarray(host).reshape(-1).view(np.int64)
-        return upload_int64(words, device).view(dtype).reshape(host.shape)
-    return torch.from_numpy(host).to(device)
+        return sys.modules["fastclip._cuda"].upload_int64(words, device).view(dtype).reshape(host.shape)
+    return torch.from_numpy(host).to(device, non_blocking=True)
 
 
 @dataclass
