@@ -269,6 +269,15 @@ class Plan:
                 coef = cast(torch.Tensor, coef)
                 s.backend.scale_(s.table, coef.to(s.device, non_blocking=True))
 
+    def refresh_copies(self) -> None:
+        """Re-read the sliced grads the tables read through copies (see ``TensorTable``)."""
+        for s in self.sets:
+            s.table.refresh_copies()
+
+    def shares_memory(self) -> bool:
+        """True when grads of one device overlap in memory (see ``TensorTable.shares_memory``)."""
+        return any(s.table.shares_memory() for s in self.sets)
+
     def clamp_(self, bound: float) -> None:
         for s in self.sets:
             s.backend.clamp_(s.table, bound)

@@ -194,6 +194,29 @@ class TensorTable:
         return live[later]
 
 
+    def refresh_copies(self) -> None:
+        """Copy the strided tensors into their copies again, after torch rewrote them (a
+        ``GradScaler.unscale_`` between building the table and reading it). The copies keep their
+        memory, so the addresses in the table stay valid."""
+        for i, copy in zip(self.strided, self.copies):
+            copy.copy_(self.tensors[i])
+
+    def shares_memory(self) -> bool:
+        """True when the memory of two of the tensors overlaps (one grad under two parameters,
+        views of one buffer), sliced views included (by the span from their first to their
+        last element, which may report an overlap where their elements interleave)."""
+        starts = self.addrs.copy()
+        ends = starts + self.lengths * ITEMSIZE[self.codes]
+        for i in self.strided:  # the table holds a contiguous copy's address: the view's own span
+            t = self.tensors[i]
+            starts[i] = t.data_ptr()
+            ends[i] = starts[i] + t.element_size() * (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())))
+        live = self.lengths > 0
+        order = np.argsort(starts[live], kind="stable")
+        starts, ends = starts[live][order], ends[live][order]
+        return bool((starts[1:] < np.maximum.accumulate(ends)[:-1]).any())
+
+
 def mark_written(tensors: list[torch.Tensor]) -> None:
     """Tell autograd that a kernel wrote ``tensors`` in place, as torch's in-place ops do.
 

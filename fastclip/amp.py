@@ -185,7 +185,10 @@ def unscale_and_clip_(
     fastclip.clip_grad_norm_(params, ...)`` (on the CPU also when the scale is below 1 or the
     coefficient below ~1e-33, which take two write passes there). Other p take torch's
     sequence, ``scaler.unscale_`` then the clip (three passes): the power sum of the scaled
-    grads would overflow float64 for a large p, where the unscaled grads' does not.
+    grads would overflow float64 for a large p, where the unscaled grads' does not. So do grads
+    whose memory overlaps (one grad under two parameters), which torch's ``unscale_`` divides once
+    per listing. (An unscaled value below float32's smallest normal number is rounded once here and
+    twice by torch: such values may differ by one subnormal step.)
 
     DTensor grads (FSDP2) are clipped by their global norm, like ``clip_grad_norm_``; their
     found-inf flag is then global too (one rank's inf skips the step on every rank), where
@@ -238,8 +241,11 @@ def unscale_and_clip_planned(scaler, optimizer, state, grads, group, plan, max_n
     if plan is None:  # no grads, or a device/dtype without a kernel: torch's own sequence
         scaler.unscale_(optimizer)
         return clip_grad_norm_(optimizer_params(optimizer), max_norm, p)
-    if not fuses_unscale(p):  # torch's unscale, then the clip on the same plan
-        scaler.unscale_(optimizer)
+    if not fuses_unscale(p) or plan.shares_memory():
+        # torch's unscale, then the clip on the same plan: for p other than 1, 2 and inf (see
+        # fuses_unscale), and for memory listed twice, which torch's unscale_ divides once per
+        # listing, so the unscaled norm is not the scaled norm times 1/scale.
+        torch_unscale_(scaler, optimizer, plan)
         return clip_planned(plan, group, optimizer_params(optimizer), max_norm, p)
     inv_scale = inv_scale_of(scaler)
     norm, found = scaled_pass(plan, p, inv_scale, group)
@@ -247,6 +253,13 @@ def unscale_and_clip_planned(scaler, optimizer, state, grads, group, plan, max_n
     state["found_inf_per_device"] = found
     state["stage"] = OptState.UNSCALED
     return norm
+
+
+def torch_unscale_(scaler: GradScaler, optimizer: torch.optim.Optimizer, plan: Plan) -> None:
+    """``scaler.unscale_(optimizer)`` on grads that ``plan`` was built for. The plan reads sliced
+    grads through copies made when it was built: they are refreshed from the unscaled grads."""
+    scaler.unscale_(optimizer)
+    plan.refresh_copies()
 
 
 def clip_planned(plan: Optional[Plan], group, params: list, max_norm, p: float) -> torch.Tensor:

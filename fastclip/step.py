@@ -23,7 +23,7 @@ from fastclip import _validate as V
 from fastclip._plan import Plan
 from fastclip.amp import (check_no_fp16, check_optimizer, check_scaler, clip_planned, fuses_unscale,
                           inv_scale_of, optimizer_params, plan_grads, scale_of, scaled_pass,
-                          unscale_and_clip_planned, unscale_clip_grads_)
+                          torch_unscale_, unscale_and_clip_planned, unscale_clip_grads_)
 from fastclip.clip_grad import clip_coefficient
 
 _FN = "clip_and_step"
@@ -79,6 +79,31 @@ def _fused_step(optimizer: torch.optim.Optimizer, grad_scale: torch.Tensor,
                 optimizer.__dict__.pop(name, None)
 
 
+_NO_ARGUMENTS: dict = {}  # step function -> whether step() binds with no arguments
+
+
+def _check_step_takes_no_arguments(optimizer: torch.optim.Optimizer) -> None:
+    """Refuse, before anything is written, an optimizer whose ``step`` needs an argument (LBFGS's
+    closure): clip_and_step calls ``optimizer.step()``, which would raise after the clip."""
+    step = optimizer.step
+    key = getattr(step, "__func__", step)
+    ok = _NO_ARGUMENTS.get(key)
+    if ok is None:
+        try:
+            inspect.signature(step).bind()
+            ok = True
+        except TypeError:
+            ok = False
+        except ValueError:  # no signature to read (a builtin): let the step itself decide
+            ok = True
+        _NO_ARGUMENTS[key] = ok
+    if not ok:
+        raise TypeError(f"{_FN}: `optimizer` is a {type(optimizer).__name__} whose step() needs "
+                        f"arguments (step{inspect.signature(step)}), and clip_and_step calls "
+                        "optimizer.step() without any; an optimizer that re-evaluates a closure "
+                        "(LBFGS) clips inside it: call fastclip.clip_grad_norm_ in the closure")
+
+
 def _check_free(optimizer: torch.optim.Optimizer) -> None:
     for name in _STEP_ATTRS:
         if getattr(optimizer, name, None) is not None:
@@ -110,7 +135,9 @@ def clip_and_step(
     as it is.
 
     Any other optimizer gets ``clip_grad_norm_`` (or, with a scaler, ``unscale_and_clip_``) and
-    then its step, through ``scaler.step`` with a scaler. DTensor grads (FSDP2) are clipped by
+    then its step, through ``scaler.step`` with a scaler; so do grads whose memory overlaps (a
+    fused step divides a shared grad once per parameter, in place). A step pre-hook of a fused
+    optimizer sees the grads before clipping, with ``grad_scale`` set. DTensor grads (FSDP2) are clipped by
     their global norm, as ``clip_grad_norm_`` does.
 
     With a scaler this replaces ``scaler.unscale_(optimizer); clip_grad_norm_(...);
@@ -133,6 +160,7 @@ def clip_and_step(
     Raises:
         RuntimeError: with a scaler, it has no scale yet or already stepped this optimizer since
             ``update()``; or ``optimizer`` already carries a ``grad_scale``/``found_inf``.
+        TypeError: ``optimizer.step`` needs an argument (LBFGS's closure): clip in the closure.
         ValueError: with a scaler, a grad is float16 (GradScaler refuses to unscale those).
 
     Example:
@@ -143,6 +171,7 @@ def clip_and_step(
         >>> norm = fastclip.clip_and_step(opt, max_norm=1.0)
     """
     check_optimizer(optimizer, _FN)
+    _check_step_takes_no_arguments(optimizer)
     max_norm = V.check_max_norm(max_norm, _FN)
     p = V.check_norm_type(norm_type, _FN)
     if scaler is not None:
@@ -156,7 +185,10 @@ def clip_and_step(
     params = optimizer_params(optimizer)
     grads, group, plan = plan_grads(params, _FN)
 
-    if not fused or plan is None:  # clip, then step
+    # Memory listed twice (one grad under two parameters): torch's clip scales it once per
+    # listing before the step, and a fused step divides it in place once per parameter, so the
+    # first parameter would be updated with another grad than torch's. Clip, then step.
+    if not fused or plan is None or plan.shares_memory():  # clip, then step
         if scaler is None:
             norm = clip_planned(plan, group, params, max_norm, p)
             optimizer.step()
@@ -177,7 +209,7 @@ def clip_and_step(
     if state["stage"] is OptState.READY:
         check_no_fp16(grads, _FN, plan)
         if not fuses_unscale(p):
-            scaler.unscale_(optimizer)  # torch's unscale (see fuses_unscale): the stage is UNSCALED
+            torch_unscale_(scaler, optimizer, plan)  # see fuses_unscale: the stage is UNSCALED
     if state["stage"] is OptState.READY:
         inv_scale = inv_scale_of(scaler)
         norm, found = scaled_pass(plan, p, inv_scale, group)

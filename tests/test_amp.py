@@ -414,3 +414,65 @@ def test_negative_control_the_scaled_power_sum_overflows_at_p_60():
 def test_other_p_training_run_is_unscale_then_clip(p):
     ours, ref = _run(_fastclip_sequence, p=p)
     _assert_runs_bitwise_equal(ours, ref)
+
+
+def _amp_setup(grads, scale=4.0):
+    params = [torch.nn.Parameter(torch.zeros(g.shape)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt = torch.optim.SGD(params, lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+    scaler.scale(torch.tensor(1.0))
+    return params, opt, scaler
+
+
+def _shared_layouts(scale):
+    """Grad lists whose memory overlaps: one tensor under two parameters, overlapping views of one
+    buffer, and a sliced (strided) view listed twice."""
+    shared = torch.tensor([3.0, 4.0]) * scale
+    buffer = torch.arange(1.0, 7.0) * scale
+    strided = (torch.arange(1.0, 13.0) * scale).reshape(3, 4)[:, 1:3]
+    return {
+        "same tensor": [shared, shared, torch.tensor([12.0]) * scale],
+        "overlapping views": [buffer[0:4], buffer[2:6]],
+        "sliced view twice": [strided, strided, torch.tensor([5.0]) * scale],
+        "sliced view once": [strided, torch.tensor([5.0]) * scale],
+    }
+
+
+@pytest.mark.parametrize("p", [2.0, 3.0])
+@pytest.mark.parametrize("max_norm", [1.0, 100.0], ids=["clipping", "not clipping"])
+@pytest.mark.parametrize("layout", ["same tensor", "overlapping views", "sliced view twice", "sliced view once"])
+def test_memory_listed_twice_gives_torchs_unscale_then_clip(layout, max_norm, p):
+    """torch's unscale_ divides memory listed twice once per listing, so the unscaled norm is not
+    the scaled norm over the scale: such sets take torch's unscale, then the clip, as p other than
+    1, 2 and inf do. Sliced grads are read through copies, which must be taken after that unscale.
+    Bitwise equal to ``scaler.unscale_`` + ``fastclip.clip_grad_norm_`` (norm, grads, scaler
+    state)."""
+    results = []
+    for ours in (True, False):
+        grads = _shared_layouts(4.0)[layout]
+        params, opt, scaler = _amp_setup(grads)
+        if ours:
+            norm = fastclip.unscale_and_clip_(scaler, opt, max_norm, p)
+        else:
+            scaler.unscale_(opt)
+            norm = fastclip.clip_grad_norm_(params, max_norm, p)
+        state = scaler._per_optimizer_states[id(opt)]
+        results.append((norm, [p.grad.clone() for p in params], state["stage"], state["found_inf_per_device"]))
+    (norm, grads, stage, found), (ref_norm, ref_grads, ref_stage, ref_found) = results
+    assert torch.equal(norm, ref_norm)
+    for x, y in zip(grads, ref_grads):
+        assert_bitwise_equal(x, y)
+    assert stage is ref_stage and found.keys() == ref_found.keys()
+    assert all(torch.equal(found[d], ref_found[d]) for d in found)
+
+
+def test_memory_listed_twice_is_not_normed_by_the_fused_formula():
+    """The fused formula (the scaled norm over the scale) gives another norm on a shared grad
+    than torch's sequence: the test above tells the two paths apart."""
+    grads = _shared_layouts(4.0)["same tensor"]
+    scaled_norm = fastclip.get_total_norm(grads)
+    params, opt, scaler = _amp_setup(grads)
+    norm = fastclip.unscale_and_clip_(scaler, opt, 1.0)
+    assert float(norm) != pytest.approx(float(scaled_norm) / 4.0)

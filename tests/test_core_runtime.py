@@ -334,3 +334,26 @@ def test_cuda_grads_go_to_torch_with_one_warning_without_usable_numba_cuda(how):
         assert second_line.startswith("None None 1 RuntimeWarning fastclip: its CUDA kernels cannot "
                                       "be built with this numba-cuda (AttributeError("), second_line
     assert "clipped by torch's implementation" in second_line
+
+
+def test_shares_memory_finds_every_overlap_and_nothing_else():
+    """``TensorTable.shares_memory`` (AMP and clip_and_step take torch's sequence on it): one
+    tensor twice, overlapping views, a sliced view over another grad's memory; not neighbours,
+    not empty tensors."""
+    from fastclip._table import TensorTable
+
+    def shares(tensors):
+        return TensorTable.from_tensors(tensors, [t.dtype for t in tensors]).shares_memory()
+
+    buffer = torch.arange(24.0)
+    grid = buffer.reshape(4, 6)
+    assert not shares([torch.ones(3), torch.ones(3)])
+    assert not shares([buffer[0:12], buffer[12:24]])  # neighbours
+    assert not shares([buffer[0:0], buffer[0:0], buffer[0:5]])  # empty tensors hold no memory
+    assert not shares([grid[:2, 1:3], grid[2:, 1:3]])  # sliced views of disjoint rows
+    t = torch.ones(3)
+    assert shares([t, torch.zeros(2), t])
+    assert shares([buffer[0:13], buffer[12:24]])  # one element in common
+    assert shares([grid[:, 1:3], buffer[20:22]])  # a sliced view and a grad inside its span
+    assert shares([grid[:, 1:3], grid[:, 1:3]])
+    assert shares([buffer[3:5], buffer.reshape(2, 12).t()])  # a transposed (dense) view over it all

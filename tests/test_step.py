@@ -437,3 +437,97 @@ def test_a_large_p_with_amp_steps_on_finite_grads(name):
     assert scale == ref_scale == 65536.0  # no backoff: nothing was taken for inf
     assert w.abs().sum() > 0  # the step was taken
     torch.testing.assert_close(w, ref_w, rtol=1e-6, atol=0)
+
+
+# --- memory listed twice, and optimizers whose step needs an argument ------------------------------
+
+def _shared_grad_params(scale=1.0):
+    """Three parameters: two share one grad tensor (tied weights written by hand), one has its own."""
+    a, b, c = (torch.nn.Parameter(torch.zeros(n)) for n in (2, 2, 1))
+    shared = torch.tensor([3.0, 4.0]) * scale
+    a.grad, b.grad, c.grad = shared, shared, torch.tensor([12.0]) * scale
+    return [a, b, c]
+
+
+@pytest.mark.parametrize("use_scaler", [False, True], ids=["plain", "amp"])
+@pytest.mark.parametrize("name", AMP_AWARE)
+def test_a_grad_shared_by_two_params_steps_as_torchs_sequence(name, use_scaler):
+    """torch's clip scales memory listed twice once per listing (and its unscale_ divides it once
+    per listing) before the step; a fused step would divide the shared grad in place once per
+    parameter, so the first parameter would take another grad than the second. Bitwise equal to
+    the sequence with fastclip's clip (the same exact norm)."""
+    results = []
+    for ours in (True, False):
+        params = _shared_grad_params(4.0 if use_scaler else 1.0)
+        opt = OPTIMIZERS[name](params)
+        scaler = None
+        if use_scaler:
+            scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+            scaler.scale(torch.tensor(1.0))
+        if ours:
+            norm = fastclip.clip_and_step(opt, 1.0, scaler=scaler)
+        else:
+            if scaler:
+                scaler.unscale_(opt)
+            norm = fastclip.clip_grad_norm_(params, 1.0)
+            scaler.step(opt) if scaler else opt.step()
+        results.append((norm, [p.detach().clone() for p in params], [p.grad.clone() for p in params]))
+    (norm, params, grads), (ref_norm, ref_params, ref_grads) = results
+    assert torch.equal(norm, ref_norm)
+    for x, y in zip(params + grads, ref_params + ref_grads):
+        assert torch.equal(x, y)
+    assert torch.equal(params[0], params[1])  # both took the same (twice-clipped) grad, as in torch
+
+
+@pytest.mark.parametrize("use_scaler", [False, True], ids=["plain", "amp"])
+def test_an_optimizer_whose_step_needs_a_closure_is_refused_before_any_write(use_scaler):
+    """LBFGS.step(closure): clip_and_step calls step() with no argument, which would raise after
+    the clip had written the grads (and the scaler recorded an unscale). Refused first."""
+    w = param_with_grad(torch.tensor([768.0, 1024.0]))
+    opt = torch.optim.LBFGS([w], lr=0.1)
+    scaler = None
+    if use_scaler:
+        scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+        scaler.scale(torch.tensor(1.0))
+    with pytest.raises(TypeError, match=r"^clip_and_step: `optimizer` is a LBFGS whose step\(\) needs "
+                                        r"arguments \(step\(closure\)\)"):
+        fastclip.clip_and_step(opt, 1.0, scaler=scaler)
+    assert torch.equal(w.grad, torch.tensor([768.0, 1024.0])) and torch.equal(w, torch.zeros(2))
+    if use_scaler:
+        scaler.unscale_(opt)  # the scaler recorded nothing: torch's own sequence still runs
+        assert torch.equal(w.grad, torch.tensor([3.0, 4.0]))
+
+
+def test_a_step_with_only_optional_arguments_is_accepted():
+    class Custom(torch.optim.SGD):
+        def step(self, closure=None, *, extra=1):
+            return super().step(closure)
+
+    w = param_with_grad(torch.tensor([3.0, 4.0]))
+    assert float(fastclip.clip_and_step(Custom([w], lr=1.0), 1.0)) == 5.0
+    assert torch.allclose(w.detach(), torch.tensor([-0.6, -0.8]))
+
+
+@pytest.mark.parametrize("name", [n for n in AMP_AWARE if n != "sgd-fused"])
+def test_a_sliced_grad_with_p_3_is_read_after_torchs_unscale(name):
+    """p = 3 with a scaler unscales through torch before the norm pass; a sliced grad, read through
+    a copy, must be copied after that unscale (the norm was the scaled one, 4x too large).
+    (Not fused SGD: torch 2.13's fused CPU SGD reads a sliced grad as if it were contiguous, with
+    or without fastclip.)"""
+    results = []
+    for ours in (True, False):
+        w = torch.nn.Parameter(torch.zeros(3, 2))
+        w.grad = (torch.arange(1.0, 13.0) * 4.0).reshape(3, 4)[:, 1:3]
+        opt = OPTIMIZERS[name]([w])
+        scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+        scaler.scale(torch.tensor(1.0))
+        if ours:
+            norm = fastclip.clip_and_step(opt, 1.0, 3.0, scaler=scaler)
+        else:
+            scaler.unscale_(opt)
+            norm = fastclip.clip_grad_norm_([w], 1.0, 3.0)
+            scaler.step(opt)
+        results.append((norm, w.detach().clone()))
+    (norm, param), (ref_norm, ref_param) = results
+    assert torch.equal(norm, ref_norm)
+    torch.testing.assert_close(param, ref_param, rtol=0, atol=2 * torch.finfo(torch.float32).eps)
