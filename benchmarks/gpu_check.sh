@@ -9,7 +9,7 @@
 # benchmarks/bench_compile.py (torch's clip compiled by inductor; not needed for the targets, so
 # only when STAGES names it).
 # Logs and the benchmarks' JSON go to $OUT; a summary is printed last. Exit status: 0 when the
-# tests and bench_cuda.py passed (or, with STAGES, the stages that ran).
+# stages that ran (warmup, tests, bench_cuda.py; with STAGES, those it names) all passed.
 #
 # The default stages' limits add up to 8.8 minutes (warmup 150 s, tests 200 s, bench 180 s), so
 # one call with the device tool's timeout_s=580 fits a lease of 15 device minutes with its start.
@@ -112,5 +112,6 @@ echo "== gpu_check: install rc=$rc_install, warmup rc=$rc_warmup, gpu tests rc=$
 for log in gpu_tests_core.log gpu_tests.log; do
   [ -f "$OUT/$log" ] && tail -n 1 "$OUT/$log" | sed "s/^/   $log: /"
 done
-[ "$rc_tests" = 0 ] || [ "$rc_tests" = skipped ] || exit 1
-[ "$rc_bench" = 0 ] || [ "$rc_bench" = skipped ] || exit 1
+for rc in "$rc_warmup" "$rc_tests" "$rc_bench" "$rc_compile"; do
+  [ "$rc" = 0 ] || [ "$rc" = skipped ] || exit 1
+done

@@ -314,9 +314,14 @@ def adaptive_grad_clip_(
 
     Raises:
         TypeError: an element of ``parameters`` is not a tensor, a grad is not a 16-, 32- or
-            64-bit float, or ``clipping``/``eps`` is not a number.
+            64-bit float, ``clipping``/``eps`` is not a number, a parameter and its grad are not
+            both DTensors or both plain tensors, or one of them has no memory of its own (a
+            wrapper subclass such as FakeTensor).
         ValueError: ``clipping`` or ``eps`` is out of range, or a grad is sparse, does not
-            match its parameter, or is a DTensor with a ``Partial`` placement.
+            match its parameter, is expanded (overlaps itself), is a DTensor placed unlike its
+            parameter or with a ``Partial`` (or unknown) placement.
+        RuntimeError: a grad is an inference tensor whose units are not dense blocks (torch
+            would have to write it back, and refuses to outside inference mode).
 
     Example:
         >>> import torch, fastclip

@@ -1,7 +1,8 @@
 """``warmup()``: compile (or load) fastclip's kernels before the first clip needs them.
 
 numba compiles each kernel at its first call and caches it on disk, next to the kernels
-(``fastclip/kernels/__pycache__``) or under ``NUMBA_CACHE_DIR``. A job that starts from an image
+(``kernels/__pycache__`` in a checkout or editable install, ``fastclip/kernels/__pycache__`` in an
+installed wheel) or under ``NUMBA_CACHE_DIR``. A job that starts from an image
 whose cache is empty pays that compilation inside its first training steps: on the 2-core CI
 machine ~7 s at the first clip of a small set, ~4 s more at the first large one, 20 s for every CPU
 kernel. Running ``warmup()`` once where the cache persists (while building the image) takes it

@@ -1,5 +1,6 @@
-"""Every docstring example (the ``Example:`` sections of the public API, the kernels' helpers and
-the benchmark tools) runs here as a test, so the examples in the docs cannot drift from the code.
+"""Every docstring example (the package's, the ``Example:`` sections of the public API, the kernels'
+helpers and the benchmark tools) runs here as a test, so the examples in the docs cannot drift from
+the code. Lines marked ``+SKIP`` (a GPU, a whole benchmark run) are shown, not run.
 
 Modules are imported under their installed names (``fastclip.kernels.layout``, never a top-level
 ``kernels``: numba's cache records the module name), which is why this is a test module rather
@@ -19,7 +20,7 @@ import fastclip.kernels
 
 
 def _modules() -> list[str]:
-    names = [m.name for m in pkgutil.walk_packages(fastclip.__path__, "fastclip.")]
+    names = ["fastclip"] + [m.name for m in pkgutil.walk_packages(fastclip.__path__, "fastclip.")]
     names += [m.name for m in pkgutil.walk_packages(fastclip.kernels.__path__, "fastclip.kernels.")]
     return sorted(n for n in set(names) if not n.endswith("__main__"))  # __main__ runs the CLI
 

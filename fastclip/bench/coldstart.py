@@ -1,7 +1,9 @@
 """Cold start: what ``import fastclip`` plus the first clip add to ``import torch``.
 
 Each run is a fresh interpreter: it times ``import torch``, builds a small model's grads (1M
-values in 4 tensors, enough to take the parallel path) outside the timing, then times
+values in 4 tensors, below the 2M elements from which a call uses numba's thread pool, so the
+pool's start is not in the figure; benchmarks/README.md gives a threaded first clip measured by
+hand) outside the timing, then times
 ``import fastclip`` and a first clipping ``clip_grad_norm_``. The numba cache is warmed first,
 in this process, so the figure is the warm-cache start a user sees on every launch after the
 first.
