@@ -150,8 +150,8 @@ def unit_coef(w_sq, g_sq, clipping, eps):
 @njit(**_JIT)
 def _pair_sums(waddr, gaddr, code, start, stop):
     """Float64 sums of squares of the weight and grad elements ``start:stop``."""
-    ws = 0.0
-    gs = 0.0
+    ws = np.float64(0.0)  # not 0.0: NumPy 1.x stubs refuse numpy floats added to a float (same to numba)
+    gs = np.float64(0.0)
     if code == FLOAT32:
         w = f32_ptr(waddr)
         g = f32_ptr(gaddr)

@@ -65,8 +65,8 @@ def unit_coef(w_sq, g_sq, clipping, eps):
 @_device
 def pair_sums(waddr, gaddr, code, start, stop, step):
     """Float64 sums of squares of weight and grad elements ``start, start + step, ... < stop``."""
-    ws = 0.0
-    gs = 0.0
+    ws = np.float64(0.0)  # not 0.0: NumPy 1.x stubs refuse numpy floats added to a float (same to numba)
+    gs = np.float64(0.0)
     if code == FLOAT32:
         w = as_f32(waddr, stop)
         g = as_f32(gaddr, stop)
