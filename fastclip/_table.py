@@ -193,7 +193,6 @@ class TensorTable:
         later[1:] = starts[1:] < np.maximum.accumulate(ends)[:-1]
         return live[later]
 
-
     def refresh_copies(self) -> None:
         """Copy the strided tensors into their copies again, after torch rewrote them (a
         ``GradScaler.unscale_`` between building the table and reading it). The copies keep their

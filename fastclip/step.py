@@ -137,8 +137,8 @@ def clip_and_step(
     Any other optimizer gets ``clip_grad_norm_`` (or, with a scaler, ``unscale_and_clip_``) and
     then its step, through ``scaler.step`` with a scaler; so do grads whose memory overlaps (a
     fused step divides a shared grad once per parameter, in place). A step pre-hook of a fused
-    optimizer sees the grads before clipping, with ``grad_scale`` set. DTensor grads (FSDP2) are clipped by
-    their global norm, as ``clip_grad_norm_`` does.
+    optimizer sees the grads before clipping, with ``grad_scale`` set. DTensor grads (FSDP2) are
+    clipped by their global norm, as ``clip_grad_norm_`` does.
 
     With a scaler this replaces ``scaler.unscale_(optimizer); clip_grad_norm_(...);
     scaler.step(optimizer)``: call ``scaler.update()`` afterwards as usual. The step is skipped
