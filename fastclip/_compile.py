@@ -81,6 +81,18 @@ def entry_point(fn: F) -> F:
         set_grad_enabled(False)
         try:
             return fn(*args, **kwargs)
+        except SystemError as exc:
+            # A signal handler's exception (Ctrl-C's KeyboardInterrupt) raised while numba turns a
+            # compiled function's results into Python objects surfaces as "returned a result with
+            # an exception set"; the caller's `except KeyboardInterrupt` must see it as it is.
+            # It may come wrapped more than once.
+            cause: BaseException = exc
+            while isinstance(cause, SystemError) and cause.__cause__ is not None \
+                    and "with an exception set" in str(cause):
+                cause = cause.__cause__
+            if cause is exc:
+                raise
+            raise cause
         finally:
             set_grad_enabled(previous)
 

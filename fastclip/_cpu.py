@@ -48,12 +48,16 @@ class PowerSums(NamedTuple):
 
 @contextlib.contextmanager
 def _numba_threads() -> Iterator[None]:
+    """Run numba's parallel kernels on torch's thread count, and leave both counts (numba's is
+    per thread) as the caller had them: numba's OpenMP layer shares torch's libgomp."""
     torch_threads = torch.get_num_threads()
     with _pool_lock:
+        numba_threads = numba.get_num_threads()
         numba.set_num_threads(max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS)))
         try:
             yield
         finally:
+            numba.set_num_threads(numba_threads)
             if torch.get_num_threads() != torch_threads:
                 torch.set_num_threads(torch_threads)
 

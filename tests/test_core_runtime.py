@@ -357,3 +357,52 @@ def test_shares_memory_finds_every_overlap_and_nothing_else():
     assert shares([grid[:, 1:3], buffer[20:22]])  # a sliced view and a grad inside its span
     assert shares([grid[:, 1:3], grid[:, 1:3]])
     assert shares([buffer[3:5], buffer.reshape(2, 12).t()])  # a transposed (dense) view over it all
+
+
+def test_numbas_thread_count_is_left_as_the_caller_set_it():
+    """numba's thread count is per thread and the caller's to choose: a parallel call sets it
+    from torch's for its kernels, then puts it back."""
+    import numba
+
+    if torch.get_num_threads() < 2 or numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 threads for the parallel path")
+    w = torch.nn.Parameter(torch.zeros(1 << 22))
+    w.grad = torch.randn(1 << 22)
+    numba.set_num_threads(1)
+    try:
+        fastclip.clip_grad_norm_([w], 1.0)  # >= 2M elements: the thread pool
+        assert numba.get_num_threads() == 1
+    finally:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+
+
+def test_an_interrupt_inside_numbas_result_conversion_surfaces_as_itself(monkeypatch):
+    """Ctrl-C landing while numba converts a compiled function's results raises SystemError
+    ("returned a result with an exception set") caused by the KeyboardInterrupt: the caller's
+    `except KeyboardInterrupt` must see the KeyboardInterrupt. Other SystemErrors stay."""
+    from fastclip import _cpu
+
+    def interrupted(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as cause:
+            try:  # wrapped twice, as numba's result conversion does
+                raise SystemError("<function _numba_unpickle> returned a result with an exception "
+                                  "set") from cause
+            except SystemError as inner:
+                raise SystemError("CPUDispatcher(<function _chunk_arrays>) returned a result with an "
+                                  "exception set") from inner
+
+    w = torch.nn.Parameter(torch.zeros(4))
+    w.grad = torch.ones(4)
+    monkeypatch.setattr(_cpu, "_chunks", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fastclip.clip_grad_value_([w], 0.5)
+    assert torch.is_grad_enabled()
+
+    def broken(*args, **kwargs):
+        raise SystemError("something else")
+
+    monkeypatch.setattr(_cpu, "_chunks", broken)
+    with pytest.raises(SystemError, match="something else"):
+        fastclip.clip_grad_value_([w], 0.5)
