@@ -185,13 +185,7 @@ class TensorTable:
         """
         lengths = self.lengths_without(tuple(self.strided) + tuple(skip))
         live = np.flatnonzero(lengths > 0)
-        order = np.argsort(self.addrs[live], kind="stable")
-        live = live[order]
-        starts = self.addrs[live]
-        ends = starts + lengths[live] * ITEMSIZE[self.codes[live]]
-        later = np.zeros(live.shape[0], dtype=bool)
-        later[1:] = starts[1:] < np.maximum.accumulate(ends)[:-1]
-        return live[later]
+        return live[_overlaps_earlier(self.addrs[live], lengths[live] * ITEMSIZE[self.codes[live]])]
 
     def refresh_copies(self) -> None:
         """Copy the strided tensors into their copies again, after torch rewrote them (a
@@ -211,9 +205,17 @@ class TensorTable:
             starts[i] = t.data_ptr()
             ends[i] = starts[i] + t.element_size() * (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())))
         live = self.lengths > 0
-        order = np.argsort(starts[live], kind="stable")
-        starts, ends = starts[live][order], ends[live][order]
-        return bool((starts[1:] < np.maximum.accumulate(ends)[:-1]).any())
+        return bool(_overlaps_earlier(starts[live], ends[live] - starts[live]).any())
+
+
+def _overlaps_earlier(starts: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
+    """For memory spans ``[starts, starts + nbytes)``: True for each span that overlaps one that
+    comes before it in address order (ties: list order)."""
+    order = np.argsort(starts, kind="stable")
+    ends = starts[order] + nbytes[order]
+    later = np.zeros(starts.shape[0], dtype=bool)
+    later[order[1:]] = starts[order][1:] < np.maximum.accumulate(ends)[:-1]
+    return later
 
 
 def mark_written(tensors: list[torch.Tensor]) -> None:
