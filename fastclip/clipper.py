@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections import abc
 from typing import Iterable, Optional, Sequence, Union, cast
 
 import torch
@@ -22,7 +23,8 @@ from fastclip import _validate as V
 from fastclip._plan import Plan
 from fastclip._table import is_dense
 from fastclip.clip_grad import clip_coefficient
-from fastclip.policies import BUILT_IN, AutoClip, ClipPolicy, ZClip, policy_from_config
+from fastclip.policies import (BUILT_IN, AutoClip, ClipPolicy, ZClip, _check_count,
+                               policy_from_config)
 
 NONFINITE_MODES = ("propagate", "error", "skip", "zero")
 _STATE_VERSION = 1
@@ -39,8 +41,10 @@ class GradClipper:
     ``min(threshold / (norm + 1e-6), 1)``, with no write at all when that is 1.
 
     Args:
-        parameters: the parameters whose ``.grad`` are clipped (read once, like an optimizer's).
-        max_norm: the fixed threshold when ``policy`` is None (``inf`` never clips: the
+        parameters: the parameters whose ``.grad`` are clipped (read once, like an optimizer's;
+            not empty, unless ``group`` is given: a rank may hold none).
+        max_norm: a number, or a one-element tensor or array (read once, here). The fixed
+            threshold when ``policy`` is None (``inf`` never clips: the
             clipper then only records norms). With a policy it caps the policy's threshold (and
             is ZClip's threshold during its warmup, like the reference implementation's
             ``max_grad_norm``); ``None`` means no cap.
@@ -111,6 +115,13 @@ class GradClipper:
             _distributed.check_group(group, fn)
         self.group = group
         params = V.as_list(parameters, fn, "parameters")
+        if not params and group is None:
+            # torch.optim refuses this too. The usual cause: `model.parameters()`, a generator,
+            # was handed to the optimizer first, which used it up; the clipper would then clip
+            # nothing, silently, at every step. (A rank with no local grads may join a `group`.)
+            raise ValueError(f"{fn}: `parameters` is empty (a generator such as "
+                             "`model.parameters()` that was already used, by an optimizer, say?); "
+                             "pass `list(model.parameters())` to both")
         for i, p in enumerate(params):
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"{fn}: every element of `parameters` must be a torch.Tensor, "
@@ -132,9 +143,7 @@ class GradClipper:
             raise ValueError(f"{fn}: `nonfinite` must be one of {', '.join(map(repr, NONFINITE_MODES))}, "
                              f"got {nonfinite!r}")
         self.nonfinite = nonfinite
-        if isinstance(window, bool) or not isinstance(window, numbers.Integral) or window < 1:
-            raise ValueError(f"{fn}: `window` must be an integer >= 1, got {window!r}")
-        self.window = int(window)
+        self.window = _check_count(window, fn, "window")
         self._state: Optional[dict[str, torch.Tensor]] = None
         self._policy_state: Optional[dict[str, torch.Tensor]] = None
         self.skipped = torch.tensor(False)
@@ -178,8 +187,7 @@ class GradClipper:
         if plan is not None:
             plan.scale_(coef)
         else:
-            for g in grads:
-                g.mul_(coef.to(g.device))
+            _scale_with_torch(grads, coef, as_reals=self.nonfinite in ("skip", "zero"))
         if self.nonfinite == "zero":
             _zero_if_nonfinite(grads, finite)
 
@@ -215,6 +223,13 @@ class GradClipper:
         policy_state = cast(dict, self._policy_state)  # made with the state (_ensure_state)
         value = self.policy.threshold(policy_state, state["step"],
                                       norm.to(torch.float64), finite)
+        if not (isinstance(value, torch.Tensor) and value.numel() == 1
+                and value.is_floating_point()):
+            # Checked before any grad is written (the write would broadcast it, then the
+            # bookkeeping below would fail with torch's words).
+            raise TypeError(f"{type(self.policy).__name__}.threshold must return a one-element "
+                            f"floating-point tensor, got {V._describe(value)}")
+        value = value.reshape(())
         value = torch.where(value.isnan(), cap, torch.clamp(value, max=cap)).to(norm.dtype)
         return value, value
 
@@ -259,10 +274,7 @@ class GradClipper:
             (percentile -> norm, over the finite norms of the last ``window`` steps; NaN when
             there are none); ``threshold`` (the last step's, or None before the first step).
         """
-        qs = [float(q) for q in percentiles]
-        for q in qs:
-            if not 0.0 <= q <= 100.0:
-                raise ValueError(f"GradClipper.summary: `percentiles` must be in [0, 100], got {q!r}")
+        qs = _check_percentiles(percentiles)
         if self._state is None:
             return {"steps": 0, "clipped_steps": 0, "clipped_fraction": 0.0, "nonfinite_steps": 0,
                     "norm_percentiles": {q: math.nan for q in qs}, "threshold": None}
@@ -280,7 +292,8 @@ class GradClipper:
             "clipped_fraction": clipped / steps if steps else 0.0,
             "nonfinite_steps": nonfinite,
             "norm_percentiles": dict(zip(qs, host[:len(qs)])),
-            "threshold": threshold,
+            # A state loaded from a checkpoint saved before the first step has taken none.
+            "threshold": threshold if steps else None,
         }
 
     # --- checkpoints -------------------------------------------------------------------------
@@ -309,27 +322,12 @@ class GradClipper:
 
         Raises:
             ValueError: the checkpoint comes from a clipper with other arguments (``max_norm``,
-                ``norm_type``, ``nonfinite``, ``window`` or ``policy``), or is not a
-                ``GradClipper`` state.
+                ``norm_type``, ``nonfinite``, ``window`` or ``policy``), is not a
+                ``GradClipper`` state, or lacks a part or holds a tensor of another shape or dtype
+                than this clipper's. Every part is checked before anything is loaded.
         """
-        fn = "GradClipper.load_state_dict"
-        if not isinstance(state_dict, dict) or state_dict.get("version") != _STATE_VERSION:
-            raise ValueError(f"{fn}: `state_dict` is not a GradClipper state (version "
-                             f"{_STATE_VERSION}), got {V._describe(state_dict)}")
-        saved = dict(state_dict["config"])
-        if saved.get("policy") is not None and saved["policy"].get("name") in BUILT_IN:
-            # Rebuilt, so that a checkpoint saved before a new argument gets its default.
-            saved["policy"] = policy_from_config(saved["policy"]).config()
-        mine = self._config()
-        if saved != mine:
-            diff = ", ".join(f"{k}: saved {saved.get(k)!r}, here {mine[k]!r}"
-                             for k in mine if saved.get(k) != mine[k])
-            raise ValueError(f"{fn}: `state_dict` comes from a clipper configured differently ({diff})")
-        state = state_dict["state"]
-        if state is not None and "step" not in state:  # saved before the device counter existed
-            state = {"step": torch.tensor(int(state_dict["steps"]), dtype=torch.int64,
-                                          device=state["norms"].device), **state}
-        policy_state = state_dict["policy_state"]
+        state, policy_state, threshold = self._checked_checkpoint(state_dict)
+        # Nothing is written before every part of the checkpoint has been checked.
         if state is None and self._state is not None:
             # Saved before its first step, loaded into a clipper that has stepped: its own
             # tensors go back to their initial values (a captured graph keeps pointing at them).
@@ -339,10 +337,61 @@ class GradClipper:
                 policy_state = self.policy.init_state(device)
         self._state = _load_into(self._state, state)
         self._policy_state = _load_into(self._policy_state, policy_state)
-        self.threshold = state_dict["threshold"].clone()
+        self.threshold = threshold.clone()
         device = self.threshold.device
         self.skipped = torch.zeros((), dtype=torch.bool, device=device)
         self.found_nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+
+    def _checked_checkpoint(self, state_dict: object) -> tuple:
+        """``(state, policy_state, threshold)`` of ``state_dict`` once every part is checked
+        against this clipper's own layout (keys, shapes, dtypes), in today's layout."""
+        fn = "GradClipper.load_state_dict"
+        if not isinstance(state_dict, dict) or state_dict.get("version") != _STATE_VERSION:
+            raise ValueError(f"{fn}: `state_dict` is not a GradClipper state (version "
+                             f"{_STATE_VERSION}), got {V._describe(state_dict)}")
+        missing = [k for k in ("config", "state", "policy_state", "threshold") if k not in state_dict]
+        if missing or not isinstance(state_dict["config"], dict):
+            raise ValueError(f"{fn}: `state_dict` is not a complete GradClipper state (missing "
+                             f"{', '.join(map(repr, missing)) or 'a dict as config'})")
+        saved = dict(state_dict["config"])
+        if isinstance(saved.get("policy"), dict) and saved["policy"].get("name") in BUILT_IN:
+            # Rebuilt, so that a checkpoint saved before a new argument gets its default.
+            try:
+                saved["policy"] = policy_from_config(saved["policy"]).config()
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{fn}: `state_dict` holds a policy that cannot be rebuilt "
+                                 f"({exc})") from None
+        mine = self._config()
+        if saved != mine:
+            diff = ", ".join(f"{k}: saved {saved.get(k)!r}, here {mine[k]!r}"
+                             for k in mine if saved.get(k) != mine[k])
+            raise ValueError(f"{fn}: `state_dict` comes from a clipper configured differently ({diff})")
+
+        state, policy_state = state_dict["state"], state_dict["policy_state"]
+        threshold = state_dict["threshold"]
+        if not (isinstance(threshold, torch.Tensor) and threshold.dim() == 0
+                and threshold.is_floating_point()):
+            raise ValueError(f"{fn}: `state_dict['threshold']` must be a 0-d floating-point "
+                             f"tensor, got {V._describe(threshold)}")
+        if state is None:
+            if policy_state is not None:
+                raise ValueError(f"{fn}: `state_dict` has a policy state but no clipper state")
+            return None, None, threshold
+        state = _check_layout(state, self._initial_state(torch.device("meta")), fn, "state",
+                              upgrade=lambda d: _with_step_counter(d, state_dict.get("steps", 0)))
+        if self.policy is None:
+            if policy_state is not None:
+                raise ValueError(f"{fn}: `state_dict` has a policy state, and this clipper has "
+                                 "no policy")
+            return state, None, threshold
+        policy = self.policy
+        try:
+            expected = policy.init_state(torch.device("meta"))
+        except Exception:  # a policy of one's own whose ops have no meta kernel
+            expected = policy.init_state(torch.device("cpu"))
+        policy_state = _check_layout(policy_state, expected, fn, "policy_state",
+                                     upgrade=lambda d: policy._upgrade_state(d, state["step"]))
+        return state, policy_state, threshold
 
     def __repr__(self) -> str:
         policy = "fixed" if self.policy is None else repr(self.policy)
@@ -350,13 +399,38 @@ class GradClipper:
                 f"nonfinite={self.nonfinite!r}, steps={self.steps})")
 
 
+def _with_step_counter(state: dict, steps: object) -> dict:
+    """A state saved before the device step counter existed, with it (from the saved count)."""
+    if "step" in state or not isinstance(state.get("norms"), torch.Tensor):
+        return state
+    return {"step": torch.tensor(int(steps), dtype=torch.int64,  # type: ignore[call-overload]
+                                 device=state["norms"].device), **state}
+
+
+def _check_layout(saved: object, expected: dict, fn: str, key: str, upgrade) -> dict:
+    """``saved`` after ``upgrade``, once it is checked to have ``expected``'s keys and tensors of
+    its shapes and dtypes (ValueError otherwise)."""
+    if not isinstance(saved, dict):
+        raise ValueError(f"{fn}: `state_dict[{key!r}]` must be a dict of tensors, got "
+                         f"{V._describe(saved)}")
+    layout: dict = upgrade(saved)
+    if layout.keys() != expected.keys():
+        raise ValueError(f"{fn}: `state_dict[{key!r}]` has the keys {sorted(map(str, layout))}, "
+                         f"expected {sorted(expected)}")
+    for k, want in expected.items():
+        got = layout[k]
+        if not (isinstance(got, torch.Tensor) and got.shape == want.shape and got.dtype == want.dtype):
+            raise ValueError(f"{fn}: `state_dict[{key!r}][{k!r}]` must be a {want.dtype} tensor of "
+                             f"shape {tuple(want.shape)}, got {V._describe(got)}")
+    return layout
+
+
 def _load_into(current: Optional[dict], saved: Optional[dict]) -> Optional[dict]:
-    """``saved``'s values in ``current``'s tensors (in place) when they have the same keys, shapes
-    and dtypes; otherwise copies of ``saved``."""
+    """``saved``'s values in ``current``'s tensors, in place (the layouts were checked equal);
+    copies of ``saved`` when there is no ``current`` yet."""
     if saved is None:
         return None
-    if current is not None and current.keys() == saved.keys() and all(
-            current[k].shape == v.shape and current[k].dtype == v.dtype for k, v in saved.items()):
+    if current is not None:
         for k, v in saved.items():
             current[k].copy_(v)
         return current
@@ -376,6 +450,12 @@ def _coefficient(threshold: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
 def _check_cap(max_norm: object) -> float:
     if max_norm is None:
         return math.inf
+    if isinstance(max_norm, torch.Tensor):  # read once, here (a GPU tensor: one sync, not per step)
+        if max_norm.numel() != 1 or max_norm.is_complex() or max_norm.dtype == torch.bool:
+            raise TypeError(f"GradClipper: `max_norm` must be a real number, a one-element "
+                            f"tensor or None, got {V._describe(max_norm)}")
+        max_norm = max_norm.item()
+    max_norm = V._one_number(max_norm)
     if isinstance(max_norm, bool) or not isinstance(max_norm, numbers.Real):
         raise TypeError(f"GradClipper: `max_norm` must be a real number or None, "
                         f"got {V._describe(max_norm)}")
@@ -383,6 +463,35 @@ def _check_cap(max_norm: object) -> float:
     if math.isnan(value) or value < 0:
         raise ValueError(f"GradClipper: `max_norm` must be a non-negative number, got {value!r}")
     return value
+
+
+def _check_percentiles(percentiles: object) -> list[float]:
+    fn = "GradClipper.summary"
+    if isinstance(percentiles, (str, bytes)) or not isinstance(percentiles, abc.Iterable):
+        raise TypeError(f"{fn}: `percentiles` must be a sequence of numbers in [0, 100], got "
+                        f"{V._describe(percentiles)}")
+    qs = []
+    for q in percentiles:
+        q = V._one_number(q.item() if isinstance(q, torch.Tensor) and q.numel() == 1 else q)
+        if isinstance(q, bool) or not isinstance(q, numbers.Real):
+            raise TypeError(f"{fn}: `percentiles` must hold numbers in [0, 100], got {V._describe(q)}")
+        if not 0.0 <= float(q) <= 100.0:
+            raise ValueError(f"{fn}: `percentiles` must be in [0, 100], got {float(q)!r}")
+        qs.append(float(q))
+    return qs
+
+
+def _scale_with_torch(grads: list[torch.Tensor], coef: torch.Tensor, as_reals: bool) -> None:
+    """Scale the grads no kernel takes (complex ones, devices without a backend) by torch's ops.
+
+    On the CPU a coefficient of 1 writes nothing, as the kernels do. With ``as_reals`` a complex
+    grad is scaled as its two real parts: a complex multiply by ``coef + 0j`` turns an inf part
+    into NaN in the other one, which a skipped step must not do to the grads it leaves alone.
+    """
+    if coef.device.type == "cpu" and bool(coef == 1.0):  # reading a CPU tensor is free
+        return
+    for g in grads:
+        (torch.view_as_real(g) if as_reals and g.is_complex() else g).mul_(coef.to(g.device))
 
 
 def _zero_if_nonfinite(grads: list[torch.Tensor], finite: torch.Tensor) -> None:

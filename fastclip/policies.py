@@ -37,9 +37,15 @@ def _check_number(value: object, owner: str, arg: str, low: float, high: float,
     return out
 
 
+# torch.quantile's (and nanquantile's) largest input: a longer history or window could never be
+# read, and each step would raise torch's own message, which names no argument.
+MAX_COUNT = 2**24
+
+
 def _check_count(value: object, owner: str, arg: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{owner}: `{arg}` must be an integer >= 1, got {value!r}")
+    if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+            or not 1 <= int(value) <= MAX_COUNT):
+        raise ValueError(f"{owner}: `{arg}` must be an integer in [1, {MAX_COUNT}], got {value!r}")
     return int(value)
 
 
@@ -68,6 +74,11 @@ class ClipPolicy:
         """
         raise NotImplementedError
 
+    def _upgrade_state(self, state: dict, step: torch.Tensor) -> dict:
+        """``state`` as loaded from a checkpoint of an earlier fastclip, in today's layout
+        (``step``: the clipper's saved step counter). The default keeps it as it is."""
+        return state
+
     def config(self) -> dict:
         """The policy's class name and arguments (a dataclass's fields), for checkpoints."""
         fields: dict = asdict(self) if is_dataclass(self) else {}
@@ -80,12 +91,16 @@ class AutoClip(ClipPolicy):
 
     Each step's norm joins the history first, then the threshold is the ``percentile``-th
     percentile of the history (linear interpolation, as ``numpy.percentile``): with the default
-    10, about 90% of steps are clipped, gently. The history is the last ``history`` steps (a
-    ring buffer on the grads' device; the paper keeps every step).
+    10, about 90% of steps are clipped, gently. The history is the last ``history`` finite norms
+    (a ring buffer on the grads' device; the paper keeps every step). A step whose norm is inf or
+    NaN leaves it as it was, so a burst of overflowing AMP steps does not empty it.
+
+    Each step takes the percentile of the whole buffer on the device (a sort: about 30 ms per
+    step on one CPU core for a history of 10**5), so keep ``history`` to the thousands.
 
     Args:
         percentile: in [0, 100].
-        history: how many recent steps the percentile is taken over (>= 1).
+        history: how many recent finite norms the percentile is taken over, in [1, 2**24].
 
     Example:
         >>> import torch, fastclip
@@ -107,13 +122,23 @@ class AutoClip(ClipPolicy):
         object.__setattr__(self, "history", _check_count(self.history, "AutoClip", "history"))
 
     def init_state(self, device):
-        return {"norms": torch.full((self.history,), NAN, dtype=torch.float64, device=device)}
+        return {"norms": torch.full((self.history,), NAN, dtype=torch.float64, device=device),
+                "count": torch.zeros((), dtype=torch.int64, device=device)}  # finite norms seen
 
     def threshold(self, state, step, norm, finite):
-        norms = state["norms"]
-        norms.index_copy_(0, torch.remainder(step, self.history).reshape(1),
-                          torch.where(finite, norm, NAN).reshape(1))
+        norms, count = state["norms"], state["count"]
+        # The next slot of the ring, rewritten with itself when the norm is not finite: no
+        # branch on a device value, so a captured step replays as an eager one.
+        slot = torch.remainder(count, self.history).reshape(1)
+        norms.scatter_(0, slot, torch.where(finite, norm, norms.gather(0, slot)).reshape(1))
+        count += finite
         return torch.nanquantile(norms, self.percentile / 100.0)
+
+    def _upgrade_state(self, state: dict, step: torch.Tensor) -> dict:
+        """A state saved before ``count`` existed: its ring was filled one slot per step."""
+        if "count" in state:
+            return state
+        return {**state, "count": step.to(device=state["norms"].device, copy=True)}
 
 
 @dataclass(frozen=True)
@@ -137,7 +162,10 @@ class ZClip(ClipPolicy):
     Args:
         alpha: EMA smoothing factor, in (0, 1).
         z_thresh: z-score above which a norm is a spike (> 0).
-        warmup: finite steps collected before the EMA starts (>= 1).
+        warmup: finite steps collected before the EMA starts, in [1, 2**24]. With 1, or with
+            equal norms throughout the warmup, the variance starts at 0: every larger norm is
+            then a spike clipped to the mean, the EMA takes that mean, and the threshold never
+            rises (as in the reference implementation). Keep the default's 25, or more.
 
     Example:
         >>> import torch, fastclip

@@ -58,16 +58,32 @@ def torch_clip_with(grads, threshold, norm):
 # --- references: the published algorithms, transcribed in Python floats -----------------------
 
 
+def percentile_linear(values, q):
+    """The ``q``-th percentile of ``values`` by linear interpolation (numpy's default method), with
+    the rounding steps of torch's quantile: rank ``q / 100 * (n - 1)``, then torch's lerp. numpy
+    computes the rank another way (``n * q + (1 - q) - 1``), so its result can differ by an ulp."""
+    xs = sorted(values)
+    rank = q / 100.0 * (len(xs) - 1)
+    below = math.floor(rank)
+    lo, hi, w = xs[below], xs[min(below + 1, len(xs) - 1)], rank - below
+    out = lo + w * (hi - lo) if w < 0.5 else hi - (hi - lo) * (1.0 - w)
+    # The same definition as numpy's, to its last bit or one ulp away.
+    assert abs(out - float(np.percentile(xs, q))) <= math.ulp(max(abs(lo), abs(hi)))
+    return out
+
+
 class AutoClipRef:
-    """Seetharaman et al. (2020): append the norm, clip to the percentile of the history."""
+    """Seetharaman et al. (2020): append the norm, clip to the percentile of the history (the
+    last ``history`` finite norms)."""
 
     def __init__(self, percentile, history):
         self.q, self.history, self.norms = percentile, history, []
 
     def threshold(self, norm, finite=True):
-        self.norms.append(norm if finite else math.nan)
-        window = [x for x in self.norms[-self.history:] if not math.isnan(x)]
-        return float(np.percentile(window, self.q)) if window else math.nan
+        if finite:
+            self.norms.append(norm)
+        window = self.norms[-self.history:]
+        return percentile_linear(window, self.q) if window else math.nan
 
 
 class ZClipRef:
@@ -635,7 +651,11 @@ def test_checkpoint_of_a_policy_of_ones_own(policy_class):
     (dict(max_norm="1"), TypeError, "`max_norm` must be a real number or None"),
     (dict(max_norm=None), ValueError, "`max_norm` is the fixed threshold when `policy` is None"),
     (dict(norm_type=0), ValueError, "`norm_type`"),
-    (dict(window=0), ValueError, "`window` must be an integer >= 1, got 0"),
+    (dict(window=0), ValueError, "`window` must be an integer in [1, 16777216], got 0"),
+    # torch.nanquantile's limit: summary() could never read a longer window.
+    (dict(window=2**24 + 1), ValueError, "`window` must be an integer in [1, 16777216]"),
+    (dict(max_norm=torch.tensor([1.0, 2.0])), TypeError, "`max_norm` must be a real number, a "
+                                                         "one-element tensor or None"),
 ])
 def test_bad_arguments(kwargs, error, words):
     with pytest.raises(error, match="GradClipper") as info:
@@ -647,11 +667,14 @@ def test_bad_arguments(kwargs, error, words):
     (lambda: AutoClip(percentile=101), ValueError,
      "AutoClip: `percentile` must be in [0.0, 100.0], got 101.0"),
     (lambda: AutoClip(percentile="10"), TypeError, "AutoClip: `percentile` must be a real number"),
-    (lambda: AutoClip(history=0), ValueError, "AutoClip: `history` must be an integer >= 1, got 0"),
+    (lambda: AutoClip(history=0), ValueError,
+     "AutoClip: `history` must be an integer in [1, 16777216], got 0"),
     (lambda: AutoClip(history=2.5), ValueError, "`history`"),
+    (lambda: AutoClip(history=2**24 + 1), ValueError, "AutoClip: `history` must be an integer in"),
     (lambda: ZClip(alpha=1.0), ValueError, "ZClip: `alpha` must be in (0.0, 1.0), got 1.0"),
     (lambda: ZClip(z_thresh=0), ValueError, "ZClip: `z_thresh` must be in (0.0, inf)"),
-    (lambda: ZClip(warmup=0), ValueError, "ZClip: `warmup` must be an integer >= 1, got 0"),
+    (lambda: ZClip(warmup=0), ValueError, "ZClip: `warmup` must be an integer in [1, 16777216], got 0"),
+    (lambda: ZClip(warmup=10**30), ValueError, "ZClip: `warmup` must be an integer in"),
 ])
 def test_bad_policy_arguments(make, error, words):
     with pytest.raises(error) as info:
@@ -859,3 +882,169 @@ def test_a_checkpoint_from_before_the_first_step_resets_a_stepped_clippers_own_t
         assert_bitwise_equal(clipper.threshold, fresh.threshold)
     assert all(clipper._state[k] is v for k, v in own[0].items())
     assert all(clipper._policy_state[k] is v for k, v in own[1].items())
+
+
+# --- audit of session 14: empty sets, checkpoints, custom policies, complex grads -------------
+
+
+def test_an_empty_parameter_list_is_refused():
+    """The usual cause: ``model.parameters()`` handed to the optimizer first, which used it up;
+    the clipper would then clip nothing at every step, silently. torch.optim refuses it too."""
+    model = torch.nn.Linear(3, 2)
+    params = model.parameters()
+    torch.optim.SGD(params, lr=0.1)
+    with pytest.raises(ValueError, match=r"GradClipper: `parameters` is empty .*list\(model"):
+        GradClipper(params)
+    with pytest.raises(ValueError, match="`parameters` is empty"):
+        GradClipper([])
+
+
+def test_autoclip_history_holds_finite_norms_only():
+    """history=3, percentile 0: after the norms 1, 2, 3 and two non-finite steps the threshold
+    is still the smallest of the last three finite norms (a ring of steps would hold only 3)."""
+    p = torch.zeros(1, requires_grad=True)
+    clipper = GradClipper([p], max_norm=None, policy=AutoClip(percentile=0, history=3),
+                          nonfinite="skip")
+    for value in (1.0, 2.0, 3.0, math.inf, math.inf):
+        p.grad = torch.tensor([value])
+        clipper.step()
+    assert float(clipper.threshold) == 1.0
+    p.grad = torch.tensor([5.0])
+    clipper.step()  # the ring drops 1.0, the oldest finite norm
+    assert float(clipper.threshold) == 2.0
+
+
+def test_autoclip_checkpoint_without_the_finite_count_resumes_its_ring():
+    """A checkpoint from before AutoClip counted finite norms (its ring advanced one slot per
+    step) resumes at the slot after its last step."""
+    params = make_params()
+    clipper = GradClipper(params, max_norm=None, policy=AutoClip(percentile=50, history=4))
+    for step in range(6):
+        set_grads(params, grads_at(step))
+        clipper.step()
+    state = clipper.state_dict()
+    del state["policy_state"]["count"]
+    resumed = GradClipper(make_params(), max_norm=None, policy=AutoClip(percentile=50, history=4))
+    resumed.load_state_dict(state)
+    assert int(resumed._policy_state["count"]) == 6
+    for step in range(6, 9):
+        set_grads(params, grads_at(step))
+        set_grads(resumed.params, grads_at(step))
+        assert_bitwise_equal(resumed.step(), clipper.step())
+        assert_bitwise_equal(resumed.threshold, clipper.threshold)
+
+
+def _corrupt(state, how):
+    state = {**state, "state": dict(state["state"]), "policy_state": dict(state["policy_state"])}
+    if how == "no threshold":
+        del state["threshold"]
+    elif how == "no config":
+        del state["config"]
+    elif how == "state key missing":
+        del state["state"]["clipped"]
+    elif how == "history too long":
+        state["state"]["norms"] = torch.zeros(9, dtype=torch.float64)
+    elif how == "wrong dtype":
+        state["policy_state"]["mean"] = state["policy_state"]["mean"].float()
+    elif how == "policy state missing":
+        state["policy_state"] = None
+    elif how == "threshold not a tensor":
+        state["threshold"] = 1.0
+    return state
+
+
+@pytest.mark.parametrize("how", ["no threshold", "no config", "state key missing", "history too long",
+                                 "wrong dtype", "policy state missing", "threshold not a tensor"])
+def test_a_malformed_checkpoint_is_refused_before_anything_loads(how):
+    params = make_params()
+    saved = GradClipper(params, max_norm=1.0, policy=ZClip(warmup=2), window=5)
+    for step in range(4):
+        set_grads(params, grads_at(step))
+        saved.step()
+    target = GradClipper(make_params(), max_norm=1.0, policy=ZClip(warmup=2), window=5)
+    set_grads(target.params, grads_at(10))
+    target.step()
+    before = {k: v.clone() for k, v in _state_tensors(target).items()}
+    threshold = target.threshold.clone()
+    with pytest.raises(ValueError, match=r"GradClipper.load_state_dict: `state_dict"):
+        target.load_state_dict(_corrupt(saved.state_dict(), how))
+    for k, v in _state_tensors(target).items():
+        assert torch.equal(v, before[k]) or (v.is_floating_point() and torch.equal(
+            v.isnan(), before[k].isnan()) and torch.equal(v.nan_to_num(), before[k].nan_to_num())), k
+    assert_bitwise_equal(target.threshold, threshold)
+
+
+class _ShapedPolicy(ClipPolicy):
+    def __init__(self, value):
+        self.value = value
+
+    def init_state(self, device):
+        return {}
+
+    def threshold(self, state, step, norm, finite):
+        return self.value
+
+
+@pytest.mark.parametrize("value", [torch.tensor([0.5], dtype=torch.float64), 0.5,
+                                   torch.tensor(1, dtype=torch.int64)], ids=["shape-1", "float", "int"])
+def test_a_policy_threshold_of_the_wrong_kind_is_refused_before_any_write(value):
+    params = make_params()
+    grads = grads_at(0)
+    set_grads(params, grads)
+    clipper = GradClipper(params, max_norm=None, policy=_ShapedPolicy(value))
+    if isinstance(value, torch.Tensor) and value.is_floating_point():  # one element: accepted
+        clipper.step()
+        assert clipper.threshold.shape == () and clipper.steps == 1
+        return
+    with pytest.raises(TypeError, match="_ShapedPolicy.threshold must return a one-element "
+                                        "floating-point tensor"):
+        clipper.step()
+    for p, g in zip(params, grads):
+        assert_bitwise_equal(p.grad, g)
+    assert clipper.steps == 0
+
+
+@pytest.mark.parametrize("max_norm", [torch.tensor(0.5), np.array([0.5]), np.float32(0.5)],
+                         ids=["tensor", "array", "numpy-scalar"])
+def test_max_norm_takes_one_element_tensors_and_arrays(max_norm):
+    ours, theirs = make_params(), make_params()
+    set_grads(ours, grads_at(0))
+    set_grads(theirs, grads_at(0))
+    clipper = GradClipper(ours, max_norm=max_norm)
+    assert clipper.max_norm == 0.5
+    assert_bitwise_equal(clipper.step(), fastclip.clip_grad_norm_(theirs, 0.5))
+    for a, b in zip(ours, theirs):
+        assert_bitwise_equal(a.grad, b.grad)
+
+
+def test_summary_arguments_and_a_reset_threshold():
+    params = make_params()
+    pre = GradClipper(params, max_norm=1.0).state_dict()
+    clipper = GradClipper(params, max_norm=1.0)
+    set_grads(params, grads_at(0))
+    clipper.step()
+    clipper.load_state_dict(pre)  # back to before the first step
+    assert clipper.summary()["threshold"] is None and clipper.summary()["steps"] == 0
+    for bad, error in [(50, TypeError), ("50", TypeError), (["50"], TypeError), ([True], TypeError),
+                       ([101], ValueError)]:
+        with pytest.raises(error, match="GradClipper.summary: `percentiles`"):
+            clipper.summary(bad)
+    assert list(clipper.summary([torch.tensor(50.0), np.float64(25)])["norm_percentiles"]) == [50.0, 25.0]
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "zero"])
+def test_complex_grads_of_a_skipped_step_keep_their_values(nonfinite):
+    """Complex grads take torch's ops; a complex multiply by 1 + 0j would turn inf + 0j into
+    inf + nanj, so a skipped step scales their real parts. A finite step that does not clip
+    writes nothing on the CPU, as the kernels."""
+    p = torch.zeros(3, dtype=torch.complex64, requires_grad=True)
+    grad = torch.tensor([complex(math.inf, 0.0), 1 + 2j, -3j], dtype=torch.complex64)
+    p.grad = grad.clone()
+    clipper = GradClipper([p], max_norm=1.0, nonfinite=nonfinite)
+    clipper.step()
+    expected = torch.zeros_like(grad) if nonfinite == "zero" else grad
+    assert torch.equal(torch.view_as_real(p.grad), torch.view_as_real(expected))
+    p.grad = torch.tensor([0.1 + 0.2j, 0j, 0.3j], dtype=torch.complex64)
+    version = p.grad._version
+    clipper.step()
+    assert p.grad._version == version
