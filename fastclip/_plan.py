@@ -199,8 +199,9 @@ class Plan:
             position = next((i for i, t in enumerate(tensors) if t is exc.tensor), exc.index)
             raise TypeError(
                 f"{fn}: grad {position} of `{arg}` (counting only the tensors that have one) has "
-                f"{exc.tensor.numel()} elements but no memory (data_ptr() is 0): was its storage "
-                "freed (untyped_storage().resize_(0))?") from None
+                f"{exc.tensor.numel()} elements but no memory (data_ptr() is "
+                f"{exc.tensor.data_ptr()}): was its storage freed (untyped_storage().resize_(0))?"
+            ) from None
         except (AttributeError, RuntimeError, NotImplementedError, TypeError):
             V.check_tensors(tensors, fn, arg)  # raises the precise error
             raise

@@ -45,6 +45,12 @@ def is_dense(t: torch.Tensor) -> bool:
     return True
 
 
+# Wrapper subclasses (FakeTensor, TwoTensor, ...) report the address 0, and a view into storage
+# freed by ``resize_(0)`` reports its offset from 0. No memory is ever mapped in the first 64 KiB
+# (Linux's vm.mmap_min_addr; CUDA's addresses are far above): below that, no kernel may read.
+NO_MEMORY_BELOW = 1 << 16
+
+
 class NoDataAddress(TypeError):
     """A tensor with elements but no memory of its own: a wrapper subclass (its
     ``__torch_dispatch__`` computes on other tensors), or storage freed by ``resize_(0)``."""
@@ -112,11 +118,11 @@ class TensorTable:
         n = len(views)
         addrs = np.fromiter(map(_TB.data_ptr, views), dtype=np.int64, count=n)
         lengths = np.fromiter(map(_TB.numel, views), dtype=np.int64, count=n)
-        if np.count_nonzero(addrs) != n and (lengths[addrs == 0] > 0).any():
-            # Wrapper subclasses (FakeTensor, TwoTensor, ...) and freed storage report address 0:
-            # never hand it to a kernel.
-            i = int(np.flatnonzero((addrs == 0) & (lengths > 0))[0])
-            raise NoDataAddress(i, views[i])
+        if n and addrs.min() < NO_MEMORY_BELOW:
+            no_memory = np.flatnonzero((addrs < NO_MEMORY_BELOW) & (lengths > 0))
+            if no_memory.size:
+                i = int(no_memory[0])
+                raise NoDataAddress(i, views[i])
         codes: np.ndarray
         if isinstance(dtypes, torch.dtype):
             codes = np.empty(n, dtype=np.int64)

@@ -9,14 +9,15 @@ vectors and scalars. For a unit with weight ``W`` and grad ``G``::
     if ||G|| > max_norm:  G *= max_norm / max(||G||, 1e-6)
 
 which is the formula of the paper's reference code (``deepmind-research/nfnets/optim.py``,
-and optax's ``adaptive_grad_clip``). The units are timm's (``unitwise_norm``: all dims but the
-first); DeepMind's and optax's code squeeze size-1 dims first (a ``(3, 1)`` weight is one unit
-there, three here) and reduce 3-D weights over their first axis (JAX's layouts), not the others.
-timm's ``adaptive_clip_grad`` also differs at exact equality ``||G|| == max_norm``, which it
-treats as clipped (a factor of exactly 1 unless ``||G|| < 1e-6``); in a unit holding a NaN,
-which it turns to NaN where this leaves the unit as it is (the comparison is false), as
-DeepMind's does; and for float16 units whose norm exceeds 65504, which it computes in float16
-(inf: the unit is zeroed) where this clips them (float64 norms).
+``SGD_AGC``). The units are timm's (``unitwise_norm``: all dims but the first); DeepMind's and
+optax's code squeeze size-1 dims first (a ``(3, 1)`` weight is one unit there, three here) and
+reduce 3-D weights over their first axis (JAX's layouts), not the others. timm's
+``adaptive_clip_grad``, optax's ``adaptive_grad_clip`` and DeepMind's ``agc_optax.py`` keep a unit
+only when ``||G|| < max_norm``, so they differ at exact equality, which they treat as clipped (a
+factor of exactly 1 unless ``||G|| < 1e-6``), and in a unit holding a NaN, which they turn to NaN
+where this leaves the unit as it is (the comparison is false), as ``optim.py`` does. timm also
+computes float16 units' norms in float16 (above 65504, inf: the unit is zeroed) where this clips
+them (float64 norms).
 
 On the CPU and on CUDA, one call runs one fused pass (two when a unit is longer than a chunk)
 over a table of every parameter and grad: float64 norms, per-unit factors, and the scaling of
@@ -43,7 +44,7 @@ from fastclip import _cpu
 from fastclip import _distributed
 from fastclip import _validate as V
 from fastclip._agc_split import clip_split_, splits_units, unit_factors
-from fastclip._table import DTYPE_CODES, is_dense, mark_written
+from fastclip._table import DTYPE_CODES, NO_MEMORY_BELOW, is_dense, mark_written
 from fastclip.kernels import agc as K
 
 _FN = "adaptive_grad_clip_"
@@ -141,9 +142,10 @@ def _pairs(parameters: list) -> tuple[list, list]:
                                "update inference tensors in place outside inference mode. Clone it "
                                "first (p.grad = p.grad.clone())")
         if g.numel() and not is_split:
-            if (p.data_ptr() == 0 or g.data_ptr() == 0) and p.device.type in ("cpu", "cuda"):
-                # A wrapper subclass (FakeTensor, a DTensor seen through another wrapper, ...):
-                # no memory of its own for a kernel to read.
+            if (min(p.data_ptr(), g.data_ptr()) < NO_MEMORY_BELOW
+                    and p.device.type in ("cpu", "cuda")):
+                # A wrapper subclass (FakeTensor, a DTensor seen through another wrapper, ...),
+                # or a view into freed storage: no memory of its own for a kernel to read.
                 raise TypeError(f"{_FN}: the parameter or grad at index {i} of `parameters` "
                                 f"({type(p).__name__}, {type(g).__name__}) has no data address of "
                                 "its own; AGC takes plain tensors and DTensors")
@@ -151,29 +153,45 @@ def _pairs(parameters: list) -> tuple[list, list]:
     return pairs, split
 
 
+def _extents(tensors: list) -> tuple[np.ndarray, np.ndarray]:
+    """``(starts, ends)``: the byte range each tensor's elements lie in."""
+    n = len(tensors)
+    starts = np.fromiter((t.data_ptr() for t in tensors), dtype=np.int64, count=n)
+    spans = np.fromiter((1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+                         for t in tensors), dtype=np.int64, count=n)
+    return starts, starts + spans * np.fromiter((t.element_size() for t in tensors), dtype=np.int64,
+                                                count=n)
+
+
 def _rounds(pairs: list) -> list[list]:
-    """``pairs`` split into rounds, run one after the other, in which no two grads share memory.
+    """``pairs`` split into rounds, run one after the other, in which no pair writes memory that
+    another pair of its round reads or writes.
 
     A grad listed twice (or overlapping views) is clipped twice by the torch formula, the second
     time from the first's result; kernels that clip units concurrently would race on it, and a
-    unit longer than a chunk would take both factors from the unclipped norm. A pair goes one
-    round after the latest earlier pair it overlaps, so overlapping pairs run in list order.
+    unit longer than a chunk would take both factors from the unclipped norm. Likewise a weight
+    that shares memory with another parameter's grad (``a.grad = b.detach()``): its norm must be
+    read before, or after, that grad is clipped, as in list order, never while. A pair goes one
+    round after the latest earlier pair it conflicts with, so such pairs run in list order.
     """
     n = len(pairs)
     if n < 2:
         return [pairs]
-    starts = np.fromiter((g.data_ptr() for _, g in pairs), dtype=np.int64, count=n)
-    spans = np.fromiter((1 + sum((size - 1) * stride for size, stride in zip(g.shape, g.stride()))
-                         for _, g in pairs), dtype=np.int64, count=n)
-    ends = starts + spans * np.fromiter((g.element_size() for _, g in pairs), dtype=np.int64, count=n)
+    g_start, g_end = _extents([g for _, g in pairs])
+    w_start, w_end = _extents([w for w, _ in pairs])
+    # The usual case, no shared memory at all (weights with one another included): one round.
+    starts, ends = np.concatenate([g_start, w_start]), np.concatenate([g_end, w_end])
     order = np.argsort(starts, kind="stable")
     if not (starts[order][1:] < np.maximum.accumulate(ends[order])[:-1]).any():
-        return [pairs]  # the usual case: no shared memory, one round
+        return [pairs]
     round_of = np.zeros(n, dtype=np.int64)
     for j in range(1, n):
-        earlier = (starts[:j] < ends[j]) & (starts[j] < ends[:j])
-        if earlier.any():
-            round_of[j] = round_of[:j][earlier].max() + 1
+        grads_meet = (g_start[:j] < g_end[j]) & (g_start[j] < g_end[:j])
+        # j's grad against the earlier weights, and j's weight against the earlier grads.
+        conflict = (grads_meet | ((w_start[:j] < g_end[j]) & (g_start[j] < w_end[:j]))
+                    | ((g_start[:j] < w_end[j]) & (w_start[j] < g_end[:j])))
+        if conflict.any():
+            round_of[j] = round_of[:j][conflict].max() + 1
     return [[pairs[i] for i in np.flatnonzero(round_of == r)] for r in range(int(np.max(round_of)) + 1)]
 
 
@@ -272,14 +290,20 @@ def _run_cuda(kernels, pairs, device: torch.device, clipping: float, eps: float)
 
 
 def _run_torch(pairs, clipping: float, eps: float) -> None:
-    """The same formula in torch ops, for devices without a kernel (float64 where supported)."""
+    """The same formula in torch ops, for devices without a kernel (float64 norms where the
+    device has float64; float32 at the least)."""
     for w, g in pairs:
-        acc = torch.float64 if g.device.type in ("cpu", "cuda") else torch.float32
+        wide = g.dtype == torch.float64 or g.device.type in ("cpu", "cuda")
+        acc = torch.float64 if wide else torch.float32
         dims = tuple(range(1, g.dim())) if g.dim() >= 2 else None
         w_norm = torch.linalg.vector_norm(w, dim=dims, keepdim=dims is not None, dtype=acc)
         g_norm = torch.linalg.vector_norm(g, dim=dims, keepdim=dims is not None, dtype=acc)
         coef = unit_factors(w_norm, g_norm, clipping, eps)
-        g.mul_(coef.to(torch.float64 if g.dtype == torch.float64 else torch.float32))
+        coef = coef.to(torch.float64 if g.dtype == torch.float64 else torch.float32)
+        # Never a 0-d operand for a grad with dimensions: torch's CUDA mul_ would round a 0-d
+        # float32 factor to a 16-bit grad's dtype first (see _agc_split); a (1, ...) factor is
+        # float32 arithmetic and one rounding, as the kernels do.
+        g.mul_(coef.reshape((1,) * g.dim()) if coef.dim() == 0 else coef)
 
 
 @entry_point
@@ -295,7 +319,7 @@ def adaptive_grad_clip_(
     when ``||G|| > max_norm`` the unit's grad is multiplied by ``max_norm / max(||G||, 1e-6)``.
     Norms are accumulated in float64; the multiply rounds like torch's ``grad.mul_(factor)``.
     Units whose grad or weight norm is NaN are left as they are; a unit with an infinite grad
-    norm gets the factor 0 (its inf elements become NaN), as in the reference implementation.
+    norm gets the factor 0 (its inf elements become NaN), as in ``nfnets/optim.py``.
 
     One fused kernel call covers all tensors (on the CPU and on CUDA); every argument is
     checked first, so a call that raises changes no grad. DTensor parameters (FSDP2, tensor

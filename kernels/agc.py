@@ -136,7 +136,7 @@ def unit_coef(w_sq, g_sq, clipping, eps):
 
     ``max_norm = clipping * max(||W||, eps)``; the unit is clipped when ``||G|| > max_norm``,
     by ``max_norm / max(||G||, 1e-6)`` (always < 1 then). NaN in W or G never triggers a clip,
-    as in the reference implementation; an inf grad norm gives 0 (so inf * 0 = NaN, like it).
+    as in ``nfnets/optim.py``; an inf grad norm gives 0 (so inf * 0 = NaN, like it).
     """
     w_norm = np.sqrt(w_sq)
     g_norm = np.sqrt(g_sq)

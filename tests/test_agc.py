@@ -304,6 +304,48 @@ def test_rounds_keep_overlapping_pairs_in_list_order():
     assert A._rounds(pairs[:2]) == [pairs[:2]]  # no shared memory: one round
 
 
+def test_a_weight_sharing_memory_with_an_earlier_grad_is_read_after_that_grad_is_clipped():
+    """``a.grad = b.detach()``: clipping a's grad rewrites b's weight, whose norm sets b's
+    threshold. In list order b sees the clipped weight, as the formula applied parameter after
+    parameter does; in one round, threads read it while it was written (seen: 0 to 1082 of 1100
+    rows off, run to run)."""
+    torch.set_num_threads(2)
+    gen = torch.Generator().manual_seed(0)
+
+    def pair():
+        b = torch.nn.Parameter(torch.randn(1100, 1000, generator=gen) * 1e-3)
+        a = torch.nn.Parameter(torch.randn(1100, 1000, generator=gen) * 1e-4)
+        a.grad = b.detach()
+        b.grad = torch.randn(1100, 1000, generator=gen) * 1e-2
+        return a, b
+
+    for _ in range(3):
+        a, b = pair()
+        ref_a, ref_b = torch.nn.Parameter(a.detach().clone()), torch.nn.Parameter(b.detach().clone())
+        ref_a.grad, ref_b.grad = ref_b.detach(), b.grad.clone()
+        fastclip.adaptive_grad_clip_([a, b])
+        agc_reference_([ref_a, ref_b])
+        assert_bitwise_equal(b.grad, ref_b.grad)
+        assert_bitwise_equal(b.detach(), ref_b.detach())
+    pairs = [(a.detach(), a.grad), (b.detach(), b.grad)]
+    assert [len(r) for r in A._rounds(pairs)] == [1, 1]
+    assert [len(r) for r in A._rounds(pairs[::-1])] == [1, 1]  # the other order too
+
+
+def test_torch_fallback_takes_float64_grads_on_any_device():
+    """Devices without a kernel run torch's ops: float64 grads keep float64 norms there (a float32
+    norm of a float64 tensor is refused by torch), in the same call as CPU grads."""
+    cpu = make_params([(4, 3)], torch.float32, seed=2)
+    meta = torch.nn.Parameter(torch.empty(5, 2, dtype=torch.float64, device="meta"))
+    meta.grad = torch.empty(5, 2, dtype=torch.float64, device="meta")
+    bias = torch.nn.Parameter(torch.empty(5, dtype=torch.float64, device="meta"))
+    bias.grad = torch.empty(5, dtype=torch.float64, device="meta")
+    expected = clone_params(cpu)
+    fastclip.adaptive_grad_clip_(cpu + [meta, bias])
+    agc_reference_(expected)
+    assert_grads_match(cpu, expected)
+
+
 def test_torch_fallback_matches_kernels():
     """The torch-ops path (devices without a kernel) gives the kernels' results."""
     for dtype in ALL_DTYPES:
@@ -469,6 +511,28 @@ def test_cuda_kernels_compile_to_ptx_for_sm90():
 
 
 # --- a real GPU --------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_cuda_torch_fallback_matches_cpu_for_vectors_and_scalars(dtype, monkeypatch):
+    """Without numba-cuda, CUDA grads run torch's ops. A 1-D or 0-d unit's factor must not be a
+    0-d operand there: torch's CUDA mul_ would round it to a 16-bit grad's dtype first."""
+    monkeypatch.setitem(A._cuda_state, "module", None)
+    cpu = make_params([(7,), (), (3, 4)], dtype, seed=12, grad_scales=(0.2,))
+    gpu = []
+    for p in cpu:
+        q = torch.nn.Parameter(p.detach().cuda())
+        q.grad = p.grad.cuda()
+        gpu.append(q)
+    fastclip.adaptive_grad_clip_(gpu)
+    fastclip.adaptive_grad_clip_(cpu)
+    for p, q in zip(cpu, gpu):
+        if dtype == torch.float64:
+            torch.testing.assert_close(q.grad.cpu(), p.grad, rtol=float64_rtol(unit_len(p.grad)), atol=0)
+        else:
+            assert_bitwise_equal(q.grad.cpu(), p.grad)
 
 
 @pytest.mark.gpu

@@ -3,6 +3,10 @@ autograd's version counters after kernel writes, and clamping sliced 16-bit grad
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -219,6 +223,38 @@ def test_freed_grad_storage_is_refused_by_name_before_any_write():
     finally:  # memory again before any failure report prints the tensor (that read would crash)
         freed.grad.untyped_storage().resize_(3 * 4)
     assert torch.equal(plain.grad, torch.full((5,), 10.0))
+
+
+def test_a_view_into_freed_storage_is_refused_too():
+    """A view at an offset into storage freed by resize_(0) (FSDP1's flat-parameter views, once
+    the flat storage is freed) reports its offset from address 0, not 0: still no memory. Run in
+    a child process: a kernel that read it would crash the process."""
+    code = textwrap.dedent("""
+        import torch, fastclip
+        base, other = torch.randn(200), torch.randn(200)
+        p = torch.nn.Parameter(torch.randn(4, 10)); p.grad = base[40:80].view(4, 10)
+        w = torch.nn.Parameter(other[40:80].view(4, 10)); w.grad = torch.randn(4, 10)
+        base.untyped_storage().resize_(0)
+        other.untyped_storage().resize_(0)
+        assert p.grad.data_ptr() == 160 == w.data_ptr()
+        for call in (lambda: fastclip.clip_grad_norm_([p], 1.0),
+                     lambda: fastclip.adaptive_grad_clip_([p])):
+            try:
+                call()
+            except TypeError as e:
+                print("refused:", str(e)[:60])
+        try:  # a weight without memory: AGC reads weights too
+            fastclip.adaptive_grad_clip_([w])
+        except TypeError as e:
+            print("refused:", str(e)[:60])
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = run.stdout.splitlines()
+    assert len(lines) == 3, run.stdout
+    assert lines[0].startswith("refused: clip_grad_norm_: grad 0 of `parameters`")
+    assert lines[1].startswith("refused: adaptive_grad_clip_:")
+    assert lines[2].startswith("refused: adaptive_grad_clip_:")
 
 
 def test_a_dtensor_norm_is_read_as_its_value(single_rank_mesh):
