@@ -217,32 +217,42 @@ def clip_grad_norm_(
     p = V.check_norm_type(norm_type, fn)
     V.check_flag(error_if_nonfinite, fn, "error_if_nonfinite")
     V.check_flag(foreach, fn, "foreach", allow_none=True)
+    # The call fills a fresh ClipStats, handed over to `stats` once the grads are written: a call
+    # that raises leaves `stats` as it was, as it leaves the grads.
+    staged = None
     if stats is not None:
         if not isinstance(stats, ClipStats):
             raise TypeError(f"{fn}: `stats` must be a fastclip.ClipStats or None, got {type(stats).__name__}")
-        stats.reset()  # a call that cannot fill it (no grads, torch fallback) leaves it empty
+        staged = ClipStats()
     grads = V.grads_of(parameters, fn)
     grads, group = _distributed.resolve(grads, group, fn)
     if not grads and group is None:
+        if stats is not None:
+            stats.reset()  # a call that has nothing to fill it with leaves it empty
         return torch.tensor(0.0)
     plan = Plan.build(grads, fn, "parameters")
     if plan is None:
         _distributed.require_kernel(group, fn)
-        return TORCH_CLIP_GRAD_NORM(parameters, max_norm, p, error_if_nonfinite, foreach)
+        result = TORCH_CLIP_GRAD_NORM(parameters, max_norm, p, error_if_nonfinite, foreach)
+        if stats is not None:
+            stats.reset()  # torch's implementation did the work: nothing to fill it with
+        return result
     if group is None and stats is None and not error_if_nonfinite:
         norm = plan.fused_clip_(p, max_norm)  # one CUDA device: norm, coef and scale in-kernel
         if norm is not None:
             return norm
-    norm = plan.total_norm(p, group=group, stats=stats)
+    norm = plan.total_norm(p, group=group, stats=staged)
     if error_if_nonfinite:
         _check_finite(norm, p)
     if stats is None and plan.host_only and isinstance(max_norm, float):
         plan.scale_(host_clip_coefficient(max_norm, norm.item(), norm.dtype))
         return norm
     coef = clip_coefficient(max_norm, norm)
-    if stats is not None:
-        stats._record_coef(coef)
+    if staged is not None:
+        staged._record_coef(coef)
     plan.scale_(coef)
+    if stats is not None and staged is not None:
+        stats._take(staged)
     return norm
 
 

@@ -17,7 +17,8 @@ from fastclip._plan import host_to_device as _as_device_tensor, tensor_root
 class ClipStats:
     """What one ``clip_grad_norm_`` call saw, filled from the same pass as the norm.
 
-    Pass an instance as ``stats=`` to ``fastclip.clip_grad_norm_``; every call overwrites it. The
+    Pass an instance as ``stats=`` to ``fastclip.clip_grad_norm_``; every call that returns
+    overwrites it (a call that raises leaves it as it was, as it leaves the grads). The
     attributes are ``None`` until a call fills them, then 0-d or 1-d tensors on the device of the
     first grad. Reading them (``.item()``, ``print``) is the caller's choice, and on a GPU it is a
     host sync.
@@ -86,6 +87,11 @@ class ClipStats:
         else:
             self.nonfinite_count = torch.stack(
                 [_as_device_tensor(c, torch.int64, device).reshape(()) for c in counts]).sum()
+
+    # Called by clip_grad_norm_ once the grads are written, with the ClipStats it filled.
+    def _take(self, other: "ClipStats") -> None:
+        for name in self._FIELDS:
+            setattr(self, name, getattr(other, name))
 
     # Called by clip_grad_norm_ with the 0-d coefficient it scales the grads by.
     def _record_coef(self, coef: torch.Tensor) -> None:

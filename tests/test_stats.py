@@ -244,3 +244,26 @@ def test_cuda_stats_stay_on_device_without_sync():
     assert float(norm) == math.inf and int(stats.nonfinite_count) == 1
     expected = _expected_per_tensor([q.grad for q in cpu], 2.0, torch.float64)
     torch.testing.assert_close(stats.per_tensor_norms.cpu(), expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("failure", ["expanded grad", "nonfinite with error_if_nonfinite", "sparse grad"])
+def test_a_call_that_raises_leaves_the_stats_as_they_were(failure):
+    """Like the grads: the fields of a call that raised are not the ones of a half-done call
+    (an expanded grad is refused by the write pass, after the norm pass filled the stats)."""
+    stats = fastclip.ClipStats()
+    good = [param_with_grad(torch.tensor([3.0, 4.0]))]
+    fastclip.clip_grad_norm_(good, 1.0, stats=stats)
+    before = {k: v.clone() for k, v in stats.as_dict().items()}
+    if failure == "expanded grad":
+        bad = [param_with_grad(torch.tensor([3.0]).expand(4))]
+        error, kwargs = RuntimeError, {}
+    elif failure == "sparse grad":
+        bad = [param_with_grad(torch.tensor([0.0, 5.0]).to_sparse())]
+        error, kwargs = ValueError, {}
+    else:
+        bad = [param_with_grad(torch.tensor([math.nan, 1.0]))]
+        error, kwargs = RuntimeError, {"error_if_nonfinite": True}
+    with pytest.raises(error):
+        fastclip.clip_grad_norm_(bad, 1.0, stats=stats, **kwargs)
+    for k, v in stats.as_dict().items():
+        assert v is not None and torch.equal(v, before[k]), k
