@@ -324,6 +324,57 @@ def test_disagreeing_norm_fails_the_run(tiny_models, monkeypatch, capsys):
     assert "norms DISAGREE" in out and "torch foreach=False (clipping)" in out
 
 
+@pytest.mark.parametrize("how", ["all but the first grad", "every other value of one grad"])
+def test_partly_scaled_grads_fail_the_run(tiny_models, monkeypatch, capsys, how):
+    # Negative control: the right norm, the first grad scaled right, the rest not (or a part of a
+    # grad twice): the check looks at every grad, and at values spread over each.
+    real = C.METHODS["torch-foreach"]
+
+    def partly(ps, mn):
+        grads = [p.grad for p in ps]
+        norm = real.norm(grads)
+        coef = min(mn / (float(norm) + 1e-6), 1.0)
+        if how == "all but the first grad":
+            grads[0].mul_(coef)
+        else:
+            for g in grads:
+                g.mul_(coef)
+            grads[-1].view(-1)[::2].mul_(coef)
+        return norm
+
+    monkeypatch.setitem(C.METHODS, "torch-foreach", C.Method(real.name, real.label, partly, real.norm))
+    rc = main(["--model", f"{tiny_models}:mlp", "--repeat", "1", "--warmup", "0", "--no-cold-start",
+               "--quiet", "--step", "clipping"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "torch foreach=True (clipping)" in out and "off torch's coefficient" in out
+
+
+def test_the_exact_norm_gets_a_bound_no_looser_than_torchs():
+    """float64 grads: fastclip's allowance is below torch's for any set (its sums are float64,
+    chunked), and the reference, summed in long double, is far inside it."""
+    from fastclip.bench.runner import EXACT_RTOL, torch_rtol
+
+    assert EXACT_RTOL[torch.float64] <= torch_rtol(torch.float64, 1)
+    gen = torch.Generator().manual_seed(3)
+    grads = [torch.randn(5000, dtype=torch.float64, generator=gen) * 1e3 for _ in range(3)]
+    from fractions import Fraction
+
+    exact = math.sqrt(float(sum(Fraction(v) ** 2 for g in grads for v in g.tolist())))
+    assert abs(reference_norm(grads) - exact) <= 2 * math.ulp(exact)
+    gs = materialize("t", [(1000,)], dtype=torch.float64)
+    assert not check_norm("fastclip", "clipping", gs.reference_norm * (1 + 5e-11), gs).ok
+    assert not check_norm("torch-loop", "clipping", gs.reference_norm * (1 + 5e-11), gs).ok
+
+
+def test_the_header_says_how_huge_pages_were_set(monkeypatch):
+    from fastclip.bench import report
+
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
+    assert "THP_MEM_ALLOC_ENABLE=1" in report.header()
+    assert report.machine()["huge_pages"].startswith("THP ")
+
+
 def test_unscaled_grads_fail_the_run(tiny_models, monkeypatch, capsys):
     # Negative control: the right norm but grads left unscaled must be caught too.
     real = C.METHODS["torch-foreach"]
@@ -373,6 +424,9 @@ def test_bad_model_is_one_line_exit_2(tiny_models, capsys, spec, words):
     (["--repeat", "0"], "expected an integer >= 1"),
     (["--dtype", "int8"], "invalid choice"),
     (["--json", "/no/such/dir/r.json"], "does not exist"),
+    # Refused before the run, not after it (the results would be lost to a traceback).
+    (["--json", "/tmp"], "is a directory"),
+    (["--plot", "/proc/fastclip-bench.png"], "cannot be written"),
 ])
 def test_bad_arguments_are_one_line_exit_2(capsys, args, words):
     assert main(args) == 2

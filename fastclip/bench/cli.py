@@ -122,11 +122,22 @@ def _one_line(e: BaseException) -> str:
 
 
 def _check_path(option: str, path: Optional[str]) -> None:
+    """Refuse, before the run, a path the results could not be written to at its end."""
     if path is None:
         return
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise UsageError(f"{option} {path!r}: directory {parent!r} does not exist")
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path!r}: is a directory; give a file name")
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a"):  # appends nothing: an existing file stays as it is
+            pass
+        if not existed:
+            os.remove(path)
+    except OSError as exc:
+        raise UsageError(f"{option} {path!r}: cannot be written ({exc.strerror})") from None
 
 
 def resolve(args: argparse.Namespace) -> list[str]:

@@ -19,6 +19,7 @@ from numba import njit, prange, types
 
 from fastclip._cpu import _numba_threads
 from fastclip.kernels.cpu import _pointer_intrinsic
+from fastclip.kernels.startup import CACHE
 
 WORDS_PER_CHUNK = 1 << 15  # 256 KiB of uint64 words per parallel work item
 
@@ -30,7 +31,7 @@ _u8_ptr = _pointer_intrinsic(types.uint8)
 # Both loops walk each chunk as 4 interleaved streams, as fastclip's kernels do (kernels/cpu.py):
 # on the CI machine that read faster than one stream, so a yardstick with one stream would flatter
 # the kernels.
-@njit(parallel=True, nogil=True, cache=True, boundscheck=False)
+@njit(parallel=True, nogil=True, cache=CACHE, boundscheck=False)
 def _read_words(addrs, chunk_tensor, chunk_start, chunk_stop, partials):
     for c in prange(chunk_tensor.shape[0]):
         p = _u64_ptr(addrs[chunk_tensor[c]])
@@ -46,7 +47,7 @@ def _read_words(addrs, chunk_tensor, chunk_start, chunk_stop, partials):
         partials[c] = a + b
 
 
-@njit(parallel=True, nogil=True, cache=True, boundscheck=False)
+@njit(parallel=True, nogil=True, cache=CACHE, boundscheck=False)
 def _copy_words(dst_addrs, src_addrs, chunk_tensor, chunk_start, chunk_stop):
     for c in prange(chunk_tensor.shape[0]):
         dst = _u64_ptr(dst_addrs[chunk_tensor[c]])
@@ -62,7 +63,7 @@ def _copy_words(dst_addrs, src_addrs, chunk_tensor, chunk_start, chunk_stop):
             dst[j] = src[j]
 
 
-@njit(nogil=True, cache=True, boundscheck=False)
+@njit(nogil=True, cache=CACHE, boundscheck=False)
 def _copy_tails(dst_addrs, src_addrs, tail_bytes):
     for i in range(dst_addrs.shape[0]):
         dst = _u8_ptr(dst_addrs[i])
@@ -71,7 +72,7 @@ def _copy_tails(dst_addrs, src_addrs, tail_bytes):
             dst[k] = src[k]
 
 
-@njit(nogil=True, cache=True, boundscheck=False)
+@njit(nogil=True, cache=CACHE, boundscheck=False)
 def _read_tails(tail_addrs, tail_bytes):
     acc = np.uint64(0)
     for i in range(tail_addrs.shape[0]):

@@ -15,7 +15,7 @@ import torch
 import fastclip
 from fastclip.bench import cases as C
 from fastclip.bench.coldstart import ColdStart
-from fastclip.bench.runner import BYTES_NOTE, SCALE_RTOL, SetResult
+from fastclip.bench.runner import BYTES_NOTE, SetResult
 
 _LABEL = {m.name: m.label for m in C.METHODS.values()}
 
@@ -40,9 +40,22 @@ def machine() -> dict:
             info["cpu_model"] = names[0]
     except OSError:
         pass
+    info["huge_pages"] = huge_pages()
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def huge_pages() -> str:
+    """The kernel's transparent huge page mode and torch's use of it: both move CPU timings
+    against torch (README "Huge pages": torch's allocator asks for them only with
+    ``THP_MEM_ALLOC_ENABLE=1``)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            mode = next((w.strip("[]") for w in f.read().split() if w.startswith("[")), "unknown")
+    except OSError:
+        mode = "unknown"
+    return f"THP {mode}, THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}"
 
 
 def _fmt(x: Optional[float], spec: str, blank: str = "") -> str:
@@ -105,7 +118,7 @@ def norm_line(res: SetResult) -> str:
         detail = "; ".join(
             f"{_LABEL[c.method]} ({c.step}): norm {c.norm:.9g}, rel error {c.rel_error:.1e} (allowed "
             f"{c.rtol:.1e})" + (f", grads scaled {c.scale_error:.1e} off torch's coefficient"
-                                if c.scale_error > SCALE_RTOL else "")
+                                if c.scale_error > c.scale_rtol else "")
             for c in bad)
         return f"   norms DISAGREE with the exact reference {res.reference_norm:.9g}: {detail}"
     parts = []
@@ -151,7 +164,7 @@ def header() -> str:
     m = machine()
     cpu = m.get("cpu_model", m["processor"])
     return (f"fastclip-bench {fastclip.__version__}: torch {m['torch']}, numba {m['numba']}, {cpu}, "
-            f"{m['cpu_count']} CPUs, {m['torch_threads']} torch threads"
+            f"{m['cpu_count']} CPUs, {m['torch_threads']} torch threads, {m['huge_pages']}"
             + (f", {m['gpu']}" if "gpu" in m else "") + f"\n{BYTES_NOTE}\n"
             "yardsticks, on the same grads in the same run: read loop = every grad byte summed as uint64 "
             "words, copy loop = the saved grads copied into the grads the same way (numba, parallel; "
