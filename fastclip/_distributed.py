@@ -25,7 +25,8 @@ The host work per call is linear in the number of tensors: one pass reads each D
 
 Every rank must make the same call (SPMD): the same ``norm_type``, the same ``group``, DTensors
 on the same meshes in the same order. This is not checked (checking would cost a collective, and
-a host sync on CUDA): a mismatch gives wrong, rank-dependent norms or a hang.
+a host sync on CUDA): a mismatch gives wrong, rank-dependent norms or a hang. So does an error
+raised on one rank only, before the all-reduce (bad input there): the others wait in it.
 
 For inf the scalar travels as its int64 bit pattern under MAX: gloo's float MAX loses a NaN from
 any rank but the first (measured: it even returned 1.0 for the values 1, NaN, 3, 4).

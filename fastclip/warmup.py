@@ -6,8 +6,10 @@ installed wheel) or under ``NUMBA_CACHE_DIR``. A job that starts from an image
 whose cache is empty pays that compilation inside its first training steps: on the 2-core CI
 machine ~7 s at the first clip of a small set, ~4 s more at the first large one, 20 s for every CPU
 kernel. Running ``warmup()`` once where the cache persists (while building the image) takes it
-out of every job; in a process whose cache is warm it loads every kernel (0.17–0.21 s there)
-ahead of the first step instead of during it.
+out of every job, provided the job can write to that cache directory too: numba ignores a cache
+it cannot write to (warm up as the job's user, into a ``NUMBA_CACHE_DIR`` writable at run time).
+In a process whose cache is warm it loads every kernel (0.17–0.21 s there) ahead of the first
+step instead of during it.
 
 It works by calling fastclip's public functions on small scratch tensors of every dtype, on both
 the calling-thread and the thread-pool paths, so exactly the kernels a training loop would reach

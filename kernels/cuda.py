@@ -47,6 +47,7 @@ except ImportError as exc:
 from numba import cuda  # noqa: E402
 
 from .layout import FLOAT16, FLOAT32, FLOAT64, NORM_INF, NORM_L1, NORM_L2, NORM_POWER
+from .startup import CACHE
 
 SIMULATOR = bool(cuda.config.ENABLE_CUDASIM)
 
@@ -357,7 +358,7 @@ else:
     _device = cuda.jit(device=True, forceinline=True)
 
     def _kernel(fn):
-        return cuda.jit(fn, cache=True)
+        return cuda.jit(fn, cache=CACHE)
 
 
 @_device

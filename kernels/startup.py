@@ -23,8 +23,35 @@ from __future__ import annotations
 import importlib.util
 import struct
 import sys
+import warnings
 
 import numba
+
+
+def _numba_can_cache() -> bool:
+    """Whether numba finds a directory to cache this installation's functions in: the package's
+    own ``__pycache__``, ``NUMBA_CACHE_DIR`` or ``~/.cache/numba``, each only if writable.
+
+    Where none is (a read-only install under a user without a writable home), numba raises at
+    the decoration of every ``cache=True`` function, so the import itself would fail.
+    """
+    def probe():  # never called: decorating it runs numba's search for a cache directory
+        return 0
+
+    try:
+        numba.njit(cache=True)(probe)
+    except RuntimeError:
+        return False
+    return True
+
+
+# ``cache=`` for every kernel of this package (CPU and CUDA).
+CACHE = _numba_can_cache()
+if not CACHE:
+    warnings.warn("fastclip: numba has no writable directory to cache the kernels in (this "
+                  "installation is read-only, and so is ~/.cache); they compile in every process "
+                  "(seconds). Set NUMBA_CACHE_DIR to a writable directory.", RuntimeWarning,
+                  stacklevel=2)
 
 
 def defer_blas_check() -> bool:
@@ -57,6 +84,8 @@ def njit(**options):
     ``cache=True`` its cache loads first try ``_load_linked`` and fall back to numba's own
     ``load_overload`` (after ``defer_blas_check``) when that finds nothing.
     """
+    if options.get("cache") and not CACHE:
+        options = {**options, "cache": False}
     decorate = numba.njit(**options)
 
     def wrap(py_func):

@@ -31,7 +31,7 @@ def wheel(tmp_path_factory) -> Path:
     # Built from a copy of what the build reads: setuptools packs ROOT/build/lib, where an older
     # build may have left modules that the package list no longer names.
     source = tmp_path_factory.mktemp("source")
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy2(ROOT / name, source / name)
     for folder in ("fastclip", "kernels"):
         shutil.copytree(ROOT / folder, source / folder,
@@ -55,6 +55,47 @@ def test_wheel_holds_every_module_under_fastclip(wheel):
     assert top_level == ["fastclip"]
     scripts = zipfile.ZipFile(wheel).read(f"{dist_info}/entry_points.txt").decode()
     assert "fastclip-bench = fastclip.bench:main" in scripts
+
+
+def test_wheel_ships_the_license_text(wheel):
+    # BSD-3-Clause asks for the text to travel with every copy.
+    names = zipfile.ZipFile(wheel).namelist()
+    licenses = [n for n in names if ".dist-info/" in n and n.rsplit("/", 1)[-1] == "LICENSE"]
+    assert licenses, names
+    assert b"BSD 3-Clause" in zipfile.ZipFile(wheel).read(licenses[0])
+
+
+def test_sdist_holds_what_its_tests_need(tmp_path):
+    """The source archive's tests import their helpers (conftest.py, reference.py, ...) and run
+    the examples and benchmark scripts: every tracked file of those folders ships, and no cache."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("needs the git checkout, to know the tracked files")
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    source = tmp_path / "source"
+    for name in tracked:
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, source / name)
+    (source / "kernels" / "__pycache__").mkdir(exist_ok=True)
+    (source / "kernels" / "__pycache__" / "cpu.stale.nbi").write_bytes(b"")
+    out = tmp_path / "dist"
+    # Run from elsewhere, source off sys.path: there its kernels/ would shadow an installed
+    # package of that name (Hugging Face's, which a setuptools plugin imports).
+    build = ("import os, sys; sys.path = [p for p in sys.path if p not in ('', os.getcwd())]; "
+             "os.chdir(sys.argv[2]); from setuptools import build_meta; "
+             "print(build_meta.build_sdist(sys.argv[1]))")
+    run = subprocess.run([sys.executable, "-c", build, str(out), str(source)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (archive,) = out.glob("fastclip-*.tar.gz")
+    import tarfile
+
+    with tarfile.open(archive) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    wanted = {n for n in tracked if n.split("/")[0] in ("tests", "examples", "benchmarks", "docs")}
+    assert {"tests/conftest.py", "tests/reference.py", "LICENSE"} <= names
+    assert sorted(wanted - names) == []
+    assert not [n for n in names if "__pycache__" in n]
 
 
 def test_installed_wheel_imports_and_runs_the_bench_cli(wheel, tmp_path):
