@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from types import ModuleType
 from typing import Dict, Iterator, Optional, Tuple
 
@@ -53,6 +54,9 @@ _FALLBACK_NAMES = (
 _lock = threading.RLock()
 # The objects replaced by ``patch()``, keyed by (module name, attribute); None when not patched.
 _originals: Optional[Dict[Tuple[str, str], object]] = None
+# Open ``patched()`` blocks (any thread), and whether the first of them made the patch.
+_blocks = 0
+_blocks_patched = False
 
 
 def _check_fallbacks() -> None:
@@ -114,6 +118,9 @@ def patch() -> None:
 def unpatch() -> None:
     """Restore the objects that ``patch()`` replaced; does nothing when not patched.
 
+    A name that no longer holds fastclip's function (someone wrapped or replaced it after
+    ``patch()``) is left as it is, with a warning: restoring torch's would discard their object.
+
     Example:
         >>> import torch, fastclip
         >>> original = torch.nn.utils.clip_grad_norm_
@@ -125,8 +132,13 @@ def unpatch() -> None:
     with _lock:
         if _originals is None:
             return
-        for module, name, _ in _REPLACEMENTS:
-            setattr(module, name, _originals[(module.__name__, name)])
+        for module, name, replacement in _REPLACEMENTS:
+            if getattr(module, name) is replacement:
+                setattr(module, name, _originals[(module.__name__, name)])
+            else:
+                warnings.warn(f"fastclip.unpatch: `{module.__name__}.{name}` was replaced after "
+                              f"fastclip.patch() (it is {getattr(module, name)!r}); left as it is",
+                              RuntimeWarning, stacklevel=2)
         _originals = None
 
 
@@ -134,9 +146,10 @@ def unpatch() -> None:
 def patched() -> Iterator[None]:
     """Context manager (or decorator): torch's clipping functions are fastclip's inside it.
 
-    On exit, even through an exception, it restores the state found on entry: nested blocks
-    (or a block entered while ``patch()`` is in effect) leave torch patched until the outermost
-    one exits.
+    torch stays patched while any block is open, in any thread, and when the last open block
+    exits (even through an exception) the state found by the first is restored: blocks that
+    overlap (nested, in other threads, or exited out of order) never unpatch one another, and a
+    block entered while ``patch()`` is in effect leaves it in effect.
 
     Example:
         >>> import torch, fastclip
@@ -146,11 +159,16 @@ def patched() -> Iterator[None]:
         >>> torch.nn.utils.clip_grad_norm_ is fastclip.clip_grad_norm_
         False
     """
+    global _blocks, _blocks_patched
     with _lock:
-        was_patched = is_patched()
+        if _blocks == 0:
+            _blocks_patched = not is_patched()
         patch()
+        _blocks += 1
     try:
         yield
     finally:
-        if not was_patched:
-            unpatch()
+        with _lock:
+            _blocks -= 1
+            if _blocks == 0 and _blocks_patched:
+                unpatch()

@@ -110,6 +110,36 @@ def test_patched_nests_and_respects_an_outer_patch():
     assert tnu.clip_grad_norm_ is original
 
 
+def test_overlapping_blocks_exited_out_of_order_keep_torch_patched():
+    """Two blocks (two threads, or two context objects closed out of order): the first one out
+    must not unpatch torch under the other, still open."""
+    original = tnu.clip_grad_norm_
+    a, b = fastclip.patched(), fastclip.patched()
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)
+    assert tnu.clip_grad_norm_ is fastclip.clip_grad_norm_ and _patch.is_patched()
+    b.__exit__(None, None, None)
+    assert tnu.clip_grad_norm_ is original and not _patch.is_patched()
+
+
+def test_unpatch_leaves_a_name_replaced_after_patch_to_its_owner():
+    original = tnu.clip_grad_norm_
+    fastclip.patch()
+
+    def logging_wrapper(*args, **kwargs):
+        return fastclip.clip_grad_norm_(*args, **kwargs)
+
+    tnu.clip_grad_norm_ = logging_wrapper
+    try:
+        with pytest.warns(RuntimeWarning, match=r"torch.nn.utils.clip_grad_norm_` was replaced"):
+            fastclip.unpatch()
+        assert tnu.clip_grad_norm_ is logging_wrapper  # theirs, not discarded
+        assert tnu.clip_grad_value_ is not fastclip.clip_grad_value_  # the others restored
+    finally:
+        tnu.clip_grad_norm_ = original
+
+
 def test_patched_works_as_a_decorator():
     @fastclip.patched()
     def inside():
