@@ -18,6 +18,7 @@ here the slow way (gathering every grad), so the script fails loudly if a rank i
 
 from __future__ import annotations
 
+import argparse
 import gc
 import math
 import os
@@ -107,7 +108,15 @@ def fsdp2(rank: int, world: int, device: torch.device) -> None:
               f"now {after:.6g})")
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Run it under torchrun (it reads RANK and WORLD_SIZE from the environment): "
+               "torchrun --nproc-per-node 2 examples/distributed_clip.py")
+    parser.parse_args(argv)
+    if "RANK" not in os.environ:
+        parser.error("run it under torchrun, e.g. torchrun --nproc-per-node 2 "
+                     "examples/distributed_clip.py (RANK is not set)")
     use_cuda = torch.cuda.is_available()
     dist.init_process_group("nccl" if use_cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

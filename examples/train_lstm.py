@@ -240,7 +240,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[Config, argparse.Namespac
     d = Config()
     ap = argparse.ArgumentParser(prog="train_lstm.py", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="8 epochs (under a minute on 2 cores)")
+    ap.add_argument("--quick", action="store_true", help="8 epochs (about 10 s on 2 cores)")
     ap.add_argument("--epochs", type=int, default=None, help=f"epochs per run (default {d.epochs}; 8 with --quick)")
     ap.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate, for both runs")
     ap.add_argument("--max-norm", type=float, default=d.max_norm, help="clipping threshold")

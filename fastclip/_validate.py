@@ -16,6 +16,10 @@ import numpy as np
 import torch
 
 TensorOrTensors = Union[torch.Tensor, Iterable[torch.Tensor]]
+# A number argument as fastclip reads it (``float(value)``, as torch does): a Python number, a
+# one-element tensor, a one-element numpy array, or a numpy scalar.
+Scalar = Union[float, torch.Tensor, np.ndarray, np.number]
+NormType = Union[float, str, torch.Tensor, np.ndarray, np.number]
 
 _SUPPORTED_NORM_WORDS = ("inf", "+inf", "infinity", "+infinity")
 

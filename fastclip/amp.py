@@ -14,7 +14,7 @@ back to the host: the scale, flags, norm and coefficient stay 0-d device tensors
 from __future__ import annotations
 
 import math
-from typing import Optional, Union, cast
+from typing import Optional, cast
 
 import torch
 from torch.amp.grad_scaler import GradScaler, OptState
@@ -168,8 +168,8 @@ def scale_grads_(plan: Plan, factor: torch.Tensor) -> None:
 def unscale_and_clip_(
     scaler: GradScaler,
     optimizer: torch.optim.Optimizer,
-    max_norm: Union[float, torch.Tensor],
-    norm_type: Union[float, str] = 2.0,
+    max_norm: V.Scalar,
+    norm_type: V.NormType = 2.0,
 ) -> torch.Tensor:
     """``scaler.unscale_(optimizer)`` then ``clip_grad_norm_`` of its params, in two fused passes.
 
@@ -183,7 +183,8 @@ def unscale_and_clip_(
     With a power-of-two scale (GradScaler's default growth and backoff) and p = 1, 2 or inf, the
     grads and the norm are bit-identical to ``scaler.unscale_(optimizer);
     fastclip.clip_grad_norm_(params, ...)`` (on the CPU also when the scale is below 1 or the
-    coefficient below ~1e-33, which take two write passes there). Other p take torch's
+    product of the unscale factor and the coefficient below float32's smallest normal number,
+    which take two write passes there). Other p take torch's
     sequence, ``scaler.unscale_`` then the clip (three passes): the power sum of the scaled
     grads would overflow float64 for a large p, where the unscaled grads' does not. So do grads
     whose memory overlaps (one grad under two parameters), which torch's ``unscale_`` divides once

@@ -83,7 +83,7 @@ def host_clip_coefficient(max_norm: float, total_norm: float, dtype: torch.dtype
 @entry_point
 def get_total_norm(
     tensors: V.TensorOrTensors,
-    norm_type: Union[float, str] = 2.0,
+    norm_type: V.NormType = 2.0,
     error_if_nonfinite: bool = False,
     foreach: Optional[bool] = None,
     *,
@@ -104,6 +104,13 @@ def get_total_norm(
     Returns:
         A 0-d tensor on the first tensor's device: float32 for 32- and 16-bit tensors, float64
         when any tensor is float64. ``tensor(0.)`` for no tensors.
+
+    Raises:
+        TypeError: an element of ``tensors`` is not a tensor, holds integers, or has no memory of
+            its own (storage freed by ``resize_(0)``); or an argument is of the wrong type (a
+            flag that is not a bool, a ``norm_type`` that is not a number, a ``group`` that is not a process group).
+        ValueError: ``norm_type`` is not > 0 (nor ``inf``), or a tensor is sparse.
+        RuntimeError: ``error_if_nonfinite`` is True and the norm is NaN or inf.
 
     Example:
         >>> import torch, fastclip
@@ -133,7 +140,7 @@ def get_total_norm(
 @entry_point
 def clip_grads_with_norm_(
     parameters: V.TensorOrTensors,
-    max_norm: Union[float, torch.Tensor],
+    max_norm: V.Scalar,
     total_norm: torch.Tensor,
     foreach: Optional[bool] = None,
 ) -> None:
@@ -147,6 +154,14 @@ def clip_grads_with_norm_(
         max_norm: the largest norm allowed.
         total_norm: the grads' total norm, e.g. from ``get_total_norm``.
         foreach: accepted for compatibility with torch.
+
+    Raises:
+        TypeError: an element of ``parameters`` is not a tensor, holds integers, or has no memory of
+            its own (storage freed by ``resize_(0)``); or an argument is of the wrong type (a
+            flag that is not a bool, a ``max_norm`` that is not a number, a ``total_norm`` that is not a one-element floating-point tensor).
+        ValueError: ``max_norm`` is negative or NaN, or a grad is sparse.
+        RuntimeError: a grad that torch must write is an expanded view, or an inference tensor
+            outside inference mode. No grad is written when any of these is raised.
 
     Example:
         >>> import torch, fastclip
@@ -174,8 +189,8 @@ def clip_grads_with_norm_(
 @entry_point
 def clip_grad_norm_(
     parameters: V.TensorOrTensors,
-    max_norm: Union[float, torch.Tensor],
-    norm_type: Union[float, str] = 2.0,
+    max_norm: V.Scalar,
+    norm_type: V.NormType = 2.0,
     error_if_nonfinite: bool = False,
     foreach: Optional[bool] = None,
     *,
@@ -198,10 +213,22 @@ def clip_grad_norm_(
         foreach: accepted for compatibility with torch; fastclip's kernels are always fused.
         group: keyword-only ``torch.distributed`` process group over which the norm is global
             (sharded or tensor-parallel grads); DTensor grads are recognized without it.
-        stats: keyword-only ``ClipStats`` filled from the same pass (telemetry).
+        stats: keyword-only ``ClipStats`` filled from the same pass (telemetry). Grads that
+            torch's implementation clips (complex ones, devices without a kernel) leave it empty.
 
     Returns:
         The total norm of the grads before clipping, as a 0-d tensor (see ``get_total_norm``).
+
+    Raises:
+        TypeError: an element of ``parameters`` is not a tensor, has an integer grad, or a grad
+            with no memory of its own (storage freed by ``resize_(0)``); or an argument is of the
+            wrong type (a ``max_norm`` or ``norm_type`` that is not a number, a flag that is not a
+            bool, ``stats`` that is not a ``ClipStats``, ``group`` that is not a process group).
+        ValueError: ``max_norm`` is negative or NaN, ``norm_type`` is not > 0 (nor ``inf``), or
+            a grad is sparse.
+        RuntimeError: ``error_if_nonfinite`` is True and the norm is NaN or inf, or a grad that
+            torch must write is an expanded view or an inference tensor outside inference mode.
+            No grad is written when any of these is raised, and ``stats`` is left as it was.
 
     Example:
         >>> import torch, fastclip
@@ -259,7 +286,7 @@ def clip_grad_norm_(
 @entry_point
 def clip_grad_value_(
     parameters: V.TensorOrTensors,
-    clip_value: float,
+    clip_value: V.Scalar,
     foreach: Optional[bool] = None,
 ) -> None:
     """Clamp the grads of ``parameters`` to ``[-clip_value, clip_value]`` in place.
@@ -269,8 +296,16 @@ def clip_grad_value_(
 
     Args:
         parameters: a tensor, or an iterable of tensors, whose ``.grad`` are clamped.
-        clip_value: the largest absolute value allowed (>= 0).
+        clip_value: the largest absolute value allowed (>= 0; torch also takes a negative one,
+            and then sets every value to it).
         foreach: accepted for compatibility with torch.
+
+    Raises:
+        TypeError: an element of ``parameters`` is not a tensor, has an integer grad, or a grad
+            with no memory of its own; or ``clip_value`` is not a number.
+        ValueError: ``clip_value`` is negative or NaN, or a grad is sparse.
+        RuntimeError: a grad that torch must write is an expanded view, or an inference tensor
+            outside inference mode. No grad is written when any of these is raised.
 
     Example:
         >>> import torch, fastclip

@@ -74,9 +74,18 @@ class GradClipper:
             non-finite and ``nonfinite="skip"`` left the grads untouched. Reading it (``if
             clipper.skipped:``) synchronizes with the GPU.
         found_nonfinite: 0-d bool tensor: the last step's norm was inf or NaN (any mode).
-        threshold: 0-d tensor: the threshold the last step used.
+        threshold: 0-d tensor: the threshold the last step used (before the first step,
+            ``max_norm``: ``inf`` for a policy without a cap).
         steps: number of steps taken, CUDA graph replays included (a Python int read back from
             the device counter: a synchronization on CUDA).
+
+    Raises:
+        TypeError: an element of ``parameters`` is not a tensor, ``max_norm`` or ``norm_type``
+            is not a number, ``policy`` is not a ``ClipPolicy``, or ``group`` is not a process
+            group.
+        ValueError: ``parameters`` is empty (without ``group``), ``max_norm`` is negative or NaN
+            (or None without a policy), ``norm_type`` is not > 0, ``nonfinite`` is not one of
+            its four words, or ``window`` is not an integer in [1, 2**24].
 
     Example:
         >>> import torch, fastclip
@@ -102,8 +111,8 @@ class GradClipper:
     def __init__(
         self,
         parameters: Union[torch.Tensor, Iterable[torch.Tensor]],
-        max_norm: Optional[float] = 1.0,
-        norm_type: Union[float, str] = 2.0,
+        max_norm: Optional[V.Scalar] = 1.0,
+        norm_type: V.NormType = 2.0,
         policy: Optional[ClipPolicy] = None,
         nonfinite: str = "propagate",
         *,
@@ -161,6 +170,10 @@ class GradClipper:
         Raises:
             RuntimeError: the norm is inf or NaN and ``nonfinite="error"`` (no grad changed, and
                 the clipper's state is as before the call).
+            TypeError: a policy's ``threshold`` returned something other than a one-element
+                floating-point tensor (raised before any grad is written).
+
+            Bad grads raise as in ``fastclip.clip_grad_norm_``, before any write.
         """
         fn = "GradClipper.step"
         grads, group = _distributed.resolve(V.grads_of(self.params, fn), self.group, fn)
@@ -266,13 +279,17 @@ class GradClipper:
         """Statistics of the steps so far (reads them back to the host: not for every step).
 
         Args:
-            percentiles: the percentiles of the norm to report, in [0, 100].
+            percentiles: the percentiles of the norm to report: numbers in [0, 100].
 
         Returns:
             A dict: ``steps``; ``clipped_steps`` and ``clipped_fraction`` (steps whose grads
             were scaled down, over all steps); ``nonfinite_steps``; ``norm_percentiles``
             (percentile -> norm, over the finite norms of the last ``window`` steps; NaN when
             there are none); ``threshold`` (the last step's, or None before the first step).
+
+        Raises:
+            TypeError: ``percentiles`` is not an iterable of numbers.
+            ValueError: a percentile is outside [0, 100].
         """
         qs = _check_percentiles(percentiles)
         if self._state is None:

@@ -55,6 +55,22 @@ class ClipPolicy:
     A policy of your own implements ``init_state`` and ``threshold``. Make it a frozen dataclass
     (as ``AutoClip`` and ``ZClip`` are), or override ``config``, so that a checkpoint records its
     arguments and ``GradClipper.load_state_dict`` can tell a clipper with other arguments apart.
+
+    Example:
+        >>> import dataclasses, torch, fastclip
+        >>> @dataclasses.dataclass(frozen=True)
+        ... class HalfOfPeak(fastclip.ClipPolicy):  # half the largest finite norm so far
+        ...     def init_state(self, device):
+        ...         return {"peak": torch.zeros((), dtype=torch.float64, device=device)}
+        ...     def threshold(self, state, step, norm, finite):
+        ...         peak = torch.where(finite, torch.maximum(state["peak"], norm), state["peak"])
+        ...         state["peak"].copy_(peak)
+        ...         return peak / 2
+        >>> w = torch.zeros(2, requires_grad=True)
+        >>> clipper = fastclip.GradClipper([w], max_norm=None, policy=HalfOfPeak())
+        >>> w.grad = torch.tensor([3.0, 4.0]); clipper.step(); w.grad  # threshold 2.5
+        tensor(5.)
+        tensor([1.5000, 2.0000])
     """
 
     def init_state(self, device: torch.device) -> dict[str, torch.Tensor]:
@@ -64,6 +80,16 @@ class ClipPolicy:
     def threshold(self, state: dict[str, torch.Tensor], step: torch.Tensor, norm: torch.Tensor,
                   finite: torch.Tensor) -> torch.Tensor:
         """Update ``state`` with this step's ``norm``; return this step's float64 threshold.
+
+        Args:
+            state: the dict ``init_state`` made, on the grads' device (the clipper keeps it).
+            step: the clipper's step counter (see below).
+            norm: this step's total norm, a 0-d float64 tensor (inf or NaN when not finite).
+            finite: 0-d bool tensor, whether ``norm`` is finite.
+
+        Returns:
+            A one-element floating-point tensor on the grads' device (anything else is refused
+            before any grad is written).
 
         ``step`` counts the clipper's steps from 0: a 0-d int64 tensor on the device (comparing
         it in Python, ``if step < n``, reads it back: a sync on CUDA). Update ``state``'s tensors
@@ -101,6 +127,11 @@ class AutoClip(ClipPolicy):
     Args:
         percentile: in [0, 100].
         history: how many recent finite norms the percentile is taken over, in [1, 2**24].
+
+    Raises:
+        TypeError: ``percentile`` is not a real number.
+        ValueError: ``percentile`` is outside [0, 100], or ``history`` is not an integer in
+            [1, 2**24].
 
     Example:
         >>> import torch, fastclip
@@ -166,6 +197,11 @@ class ZClip(ClipPolicy):
             equal norms throughout the warmup, the variance starts at 0: every larger norm is
             then a spike clipped to the mean, the EMA takes that mean, and the threshold never
             rises (as in the reference implementation). Keep the default's 25, or more.
+
+    Raises:
+        TypeError: ``alpha`` or ``z_thresh`` is not a real number.
+        ValueError: ``alpha`` is outside (0, 1), ``z_thresh`` is not > 0 and finite, or
+            ``warmup`` is not an integer in [1, 2**24].
 
     Example:
         >>> import torch, fastclip

@@ -18,7 +18,9 @@ class ClipStats:
     """What one ``clip_grad_norm_`` call saw, filled from the same pass as the norm.
 
     Pass an instance as ``stats=`` to ``fastclip.clip_grad_norm_``; every call that returns
-    overwrites it (a call that raises leaves it as it was, as it leaves the grads). The
+    overwrites it (a call that raises leaves it as it was, as it leaves the grads). A call with
+    no grads, or whose grads torch's implementation clips (complex grads, devices without a
+    kernel), leaves every attribute ``None``. The
     attributes are ``None`` until a call fills them, then 0-d or 1-d tensors on the device of the
     first grad. Reading them (``.item()``, ``print``) is the caller's choice, and on a GPU it is a
     host sync.
@@ -26,13 +28,13 @@ class ClipStats:
     Attributes:
         total_norm: the norm that was returned (global over ``group=`` when one is given).
         clip_coef: ``min(max_norm / (total_norm + 1e-6), 1)``, the factor the grads were scaled by.
-        clipped: bool, True when the grads were rescaled: the coefficient was below 1, or NaN
+        clipped: 0-d bool tensor, True when the grads were rescaled: the coefficient was below 1, or NaN
             (a NaN norm scales every grad by NaN, as torch does).
         per_tensor_norms: 1-d, one norm per grad, in the order of the grads of ``parameters``
             (parameters without a grad are skipped), in ``total_norm``'s dtype, computed from the
             per-tensor float64 sums of the norm pass. Across ranks (``group=``, DTensor grads)
             they are the norms of this rank's tensors (local shards).
-        nonfinite_count: int64, the number of inf/NaN elements in this rank's grads.
+        nonfinite_count: 0-d int64 tensor, the number of inf/NaN elements in this rank's grads.
 
     Example:
         >>> import torch, fastclip

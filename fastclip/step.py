@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Optional, Union, cast
+from typing import Optional, cast
 
 import torch
 from torch.amp.grad_scaler import GradScaler, OptState
@@ -115,8 +115,8 @@ def _check_free(optimizer: torch.optim.Optimizer) -> None:
 @entry_point
 def clip_and_step(
     optimizer: torch.optim.Optimizer,
-    max_norm: Union[float, torch.Tensor],
-    norm_type: Union[float, str] = 2.0,
+    max_norm: V.Scalar,
+    norm_type: V.NormType = 2.0,
     scaler: Optional[GradScaler] = None,
 ) -> torch.Tensor:
     """Clip the global norm of ``optimizer``'s grads to ``max_norm``, then ``optimizer.step()``.

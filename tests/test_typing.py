@@ -41,6 +41,11 @@ USER_CODE = """
     total: torch.Tensor = fastclip.get_total_norm([torch.ones(3)], 2.0)
     fastclip.clip_grads_with_norm_(model.parameters(), 1.0, total)
     fastclip.clip_grad_value_(model.parameters(), clip_value=0.5)
+    # One-element tensors and arrays, and numpy scalars, are numbers too (README).
+    import numpy as np
+    fastclip.clip_grad_value_(model.parameters(), torch.tensor(0.5))
+    fastclip.clip_grad_norm_(model.parameters(), np.array([1.0]), norm_type=np.float32(2.0))
+    fastclip.GradClipper(model.parameters(), max_norm=torch.tensor([1.0]), norm_type=torch.tensor(2.0))
     stats = fastclip.ClipStats()
     fastclip.clip_grad_norm_(model.parameters(), 1.0, stats=stats)
     clipper = fastclip.GradClipper(model.parameters(), max_norm=1.0, policy=fastclip.ZClip())
