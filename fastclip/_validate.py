@@ -91,6 +91,30 @@ def check_tensors(tensors: list, fn: str, arg: str) -> None:
             raise TypeError(f"{fn}: `{arg}` must hold floating-point tensors, got dtype {t.dtype} at index {i}")
 
 
+def check_torch_can_write(grads: list, fn: str, arg: str = "parameters", clamp: bool = False) -> None:
+    """Before a set goes to torch's implementation (complex grads, devices without a kernel):
+    refuse what torch would refuse part-way, after writing the grads listed before the one it
+    cannot write, so that a failing call changes no grad there either."""
+    outside_inference = not torch.is_inference_mode_enabled()
+    for i, g in enumerate(grads):
+        where = f"grad {i} of `{arg}` (counting only the tensors that have one)"
+        if clamp and g.is_complex():
+            raise TypeError(f"{fn}: {where} is complex ({g.dtype}); clamping complex values is not "
+                            "defined (torch raises NotImplementedError, after clamping the grads "
+                            "before it)")
+        if outside_inference and g.is_inference():
+            raise RuntimeError(f"{fn}: {where} is an inference tensor (made under "
+                               "torch.inference_mode()), and torch's implementation, which takes this "
+                               "set (complex grads, or a device without a fastclip kernel), refuses to "
+                               "update it in place outside inference mode. Clone it first "
+                               "(p.grad = p.grad.clone()).")
+        if any(s == 0 and n > 1 for s, n in zip(g.stride(), g.shape)):
+            raise RuntimeError(f"{fn}: {where} is an expanded view (stride {tuple(g.stride())}): "
+                               "several of its elements share one memory location, so it cannot be "
+                               "written in place. Give it its own memory first "
+                               "(p.grad = p.grad.clone()).")
+
+
 def check_max_norm(max_norm: object, fn: str, arg: str = "max_norm") -> Union[float, torch.Tensor]:
     """A non-negative, non-NaN real number (inf allowed: nothing is clipped).
 

@@ -180,6 +180,7 @@ def clip_grads_with_norm_(
         return
     plan = Plan.build(grads, fn, "parameters")
     if plan is None:
+        V.check_torch_can_write(grads, fn)
         TORCH_CLIP_GRADS_WITH_NORM(parameters, max_norm, total_norm, foreach)
         return
     if not plan.fused_clip_with_norm_(max_norm, total_norm):
@@ -260,6 +261,7 @@ def clip_grad_norm_(
     plan = Plan.build(grads, fn, "parameters")
     if plan is None:
         _distributed.require_kernel(group, fn)
+        V.check_torch_can_write(grads, fn)
         result = TORCH_CLIP_GRAD_NORM(parameters, max_norm, p, error_if_nonfinite, foreach)
         if stats is not None:
             stats.reset()  # torch's implementation did the work: nothing to fill it with
@@ -323,6 +325,7 @@ def clip_grad_value_(
         return
     plan = Plan.build(grads, fn, "parameters")
     if plan is None:
+        V.check_torch_can_write(grads, fn, clamp=True)
         TORCH_CLIP_GRAD_VALUE(parameters, clip_value, foreach)
         return
     plan.clamp_(clip_value)

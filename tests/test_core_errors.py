@@ -287,3 +287,42 @@ def test_error_message_names_function_and_value():
         fastclip.clip_grad_norm_(params, -3.5)
     text = str(info.value)
     assert "clip_grad_norm_" in text and "`max_norm`" in text and "-3.5" in text
+
+
+def _complex_set(bad: str):
+    """A set that goes, whole, to torch's implementation (it holds a complex grad), with a grad
+    torch cannot write (``bad``) listed after a real grad that it would have written first."""
+    real = torch.zeros(4, requires_grad=True)
+    real.grad = torch.tensor([-3.0, -0.5, 0.5, 3.0]) * 10
+    cplx = torch.zeros(2, dtype=torch.complex64, requires_grad=True)
+    cplx.grad = torch.tensor([1 + 1j, 2 - 2j], dtype=torch.complex64) * 10
+    other = torch.zeros(3, requires_grad=True)
+    if bad == "inference":
+        with torch.inference_mode():
+            other.grad = torch.full((3,), 10.0)
+    elif bad == "expanded":
+        other.grad = torch.tensor([10.0]).expand(3)
+    else:
+        other.grad = torch.full((3,), 10.0)
+    return [real, cplx, other]
+
+
+@pytest.mark.parametrize("call, bad, error, words", [
+    (lambda ps: fastclip.clip_grad_value_(ps, 1.0), "none", TypeError,
+     r"clip_grad_value_: grad 1 of `parameters` .* is complex"),
+    (lambda ps: fastclip.clip_grad_norm_(ps, 1.0), "inference", RuntimeError,
+     r"clip_grad_norm_: grad 2 of `parameters` .* inference tensor"),
+    (lambda ps: fastclip.clip_grad_norm_(ps, 1.0), "expanded", RuntimeError,
+     r"clip_grad_norm_: grad 2 of `parameters` .* expanded view"),
+    (lambda ps: fastclip.clip_grads_with_norm_(ps, 1.0, torch.tensor(50.0)), "inference", RuntimeError,
+     r"clip_grads_with_norm_: grad 2 of `parameters` .* inference tensor"),
+], ids=["value-complex", "norm-inference", "norm-expanded", "with-norm-inference"])
+def test_a_set_torch_clips_is_refused_before_torch_writes_part_of_it(call, bad, error, words):
+    """torch's own implementation (complex grads are left to it) writes the grads listed before
+    one it cannot write, then raises: fastclip raises first, and no grad changes."""
+    params = _complex_set(bad)
+    before = [p.grad.clone() for p in params]
+    with pytest.raises(error, match=words):
+        call(params)
+    for p, b in zip(params, before):
+        assert torch.equal(p.grad, b)
