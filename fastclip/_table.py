@@ -118,7 +118,7 @@ class TensorTable:
         n = len(views)
         addrs = np.fromiter(map(_TB.data_ptr, views), dtype=np.int64, count=n)
         lengths = np.fromiter(map(_TB.numel, views), dtype=np.int64, count=n)
-        if n and np.min(addrs) < NO_MEMORY_BELOW:
+        if np.count_nonzero(addrs < NO_MEMORY_BELOW):
             no_memory = np.flatnonzero((addrs < NO_MEMORY_BELOW) & (lengths > 0))
             if no_memory.size:
                 i = int(no_memory[0])
