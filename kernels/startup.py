@@ -21,6 +21,7 @@ cache:
 from __future__ import annotations
 
 import importlib.util
+import os
 import struct
 import sys
 import warnings
@@ -35,6 +36,12 @@ def _numba_can_cache() -> bool:
     Where none is (a read-only install under a user without a writable home), numba raises at
     the decoration of every ``cache=True`` function, so the import itself would fail.
     """
+    here = os.path.dirname(os.path.abspath(__file__))
+    pycache = os.path.join(here, "__pycache__")
+    if "NUMBA_CACHE_LOCATOR_CLASSES" not in os.environ and os.access(
+            pycache if os.path.isdir(pycache) else here, os.W_OK):
+        return True  # numba's in-tree locator takes it: no probe (its first njit costs ~6 ms)
+
     def probe():  # never called: decorating it runs numba's search for a cache directory
         return 0
 

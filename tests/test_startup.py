@@ -4,6 +4,7 @@ external symbol they need is known, and numba's own path takes over otherwise.""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -117,30 +118,32 @@ def test_a_fresh_process_loads_from_the_cache(case, norm_library):
         assert report["refreshes"] >= 1 and report["registries"]
 
 
-def test_without_a_writable_cache_directory_fastclip_imports_warns_and_clips():
+def test_without_a_writable_cache_directory_fastclip_imports_warns_and_clips(tmp_path):
     """A read-only install under a user with no writable home: numba finds no directory to cache
     in and raises at the decoration of every cache=True function, so ``import fastclip`` failed.
-    Here no cache locator is left at all (what numba sees there): fastclip compiles uncached."""
+    Here numba is given one cache locator that never finds a directory (what numba sees there,
+    through its NUMBA_CACHE_LOCATOR_CLASSES): fastclip compiles uncached, and says so."""
+    (tmp_path / "no_cache_dir.py").write_text(textwrap.dedent("""
+        class NoDirectory:
+            @classmethod
+            def from_function(cls, py_func, py_file):
+                return None
+    """))
     code = textwrap.dedent("""
-        import warnings
-        import numba.core.caching as caching
-        caching.CacheImpl._locator_classes = []
-        try:
-            import numba.cuda.core.caching as cuda_caching
-            cuda_caching.CacheImpl._locator_classes = []
-        except ImportError:
-            pass
+        import json, warnings
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
             import torch, fastclip
         from fastclip.kernels import startup
         p = torch.zeros(3, requires_grad=True); p.grad = torch.tensor([3.0, 4.0, 0.0])
         norm = fastclip.clip_grad_norm_([p], 1.0)
-        import json
         print(json.dumps([startup.CACHE, float(norm), p.grad.tolist(),
                           any("NUMBA_CACHE_DIR" in str(w.message) for w in seen)]))
     """)
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "NUMBA_CACHE_LOCATOR_CLASSES": "no_cache_dir.NoDirectory",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         env=env, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     cache, norm, grad, warned = json.loads(run.stdout.splitlines()[-1])
     assert cache is False and norm == 5.0 and warned
