@@ -123,7 +123,7 @@ def scale_(table: TensorTable, coef: float, coef_dtype: torch.dtype = torch.floa
         # multiply after the other; threads would race on it. One group runs the chunks in order.
         chunks = chunks._replace(group_bounds=np.array([0, chunks.n_chunks], dtype=np.int64))
     _launch(K.scale_serial, K.scale_parallel, table, chunks, float(coef))
-    mark_written(table.tensors)
+    mark_written(table.tensors, skip=by_torch)
     if by_torch:
         c = torch.tensor(coef, dtype=coef_dtype)
         for i in by_torch:
@@ -137,7 +137,7 @@ def clamp_(table: TensorTable, bound: float) -> None:
     # with the others, then copy them back, so every dtype gets the same clamp (torch's
     # ``clamp_`` would refuse a bound beyond float16's range, after the kernel had written).
     _launch(K.clamp_serial, K.clamp_parallel, table, _chunks(table), float(bound))
-    mark_written(table.tensors)
+    mark_written(table.tensors, skip=table.strided)
     for i, copy in zip(table.strided, table.copies):
         table.tensors[i].copy_(copy)
 

@@ -515,7 +515,7 @@ def scale_(table: TensorTable, coef: torch.Tensor, always: bool = False) -> None
         coef = coef.to(entry.device, non_blocking=True)
     mode = (K.SCALE_F64 if coef.dtype == torch.float64 else 0) | (K.SCALE_ALWAYS if always else 0)
     _scale(entry, (entry.table, entry.n, entry.nc, coef.data_ptr(), mode, 0.0))
-    mark_written(table.tensors)  # as torch's mul_ would, whether or not the kernel wrote
+    mark_written(table.tensors, skip=entry.torch_written)  # as torch's mul_, written or not
     for i in entry.torch_written:
         _scale_like_kernel_(table.tensors[i], coef)
 
@@ -533,7 +533,7 @@ def clamp_(table: TensorTable, bound: float) -> None:
         return
     table.check_writable(entry.torch_written)
     _clamp(entry, (entry.table, entry.n, entry.nc, float(bound)))
-    mark_written(table.tensors)
+    mark_written(table.tensors, skip=entry.torch_written)
     for i in entry.torch_written:
         _clamp_like_kernel_(table.tensors[i], bound)
 
@@ -590,7 +590,7 @@ def fused_clip_(table: TensorTable, p: float, max_norm: float, dtype: torch.dtyp
                         K.RESULT_F64 if is_f64 else 0, float(max_norm),
                         0, norm.data_ptr(), coef_addr, 0, 0))
     _scale(entry, (entry.table, entry.n, entry.nc, coef_addr, K.SCALE_F64 if is_f64 else 0, 0.0))
-    mark_written(table.tensors)
+    mark_written(table.tensors, skip=entry.torch_written)
     if entry.torch_written:
         slot = entry.scratch_tensor[K.SCRATCH_COEF:K.SCRATCH_COEF + 1]
         coef = slot.view(torch.float64)[0] if is_f64 else slot.view(torch.float32)[0]

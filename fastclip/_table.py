@@ -224,13 +224,17 @@ def _overlaps_earlier(starts: np.ndarray, nbytes: np.ndarray) -> np.ndarray:
     return later
 
 
-def mark_written(tensors: list[torch.Tensor]) -> None:
+def mark_written(tensors: list[torch.Tensor], skip=()) -> None:
     """Tell autograd that a kernel wrote ``tensors`` in place, as torch's in-place ops do.
 
     Their version counters go up, so a graph that saved one of them (a gradient penalty built
     with ``create_graph=True``, say) refuses to backward through it, as it would after torch's
-    ``mul_``, instead of silently using the new values.
+    ``mul_``, instead of silently using the new values. The tensors at indices ``skip`` are
+    written by torch's own ops after the kernel, which bump them: once, as torch does.
     """
+    if skip:
+        skipped = set(skip)
+        tensors = [t for i, t in enumerate(tensors) if i not in skipped]
     try:
         torch.autograd.graph.increment_version(tensors)  # a whole list: one C++ loop
     except TypeError:  # torch before list support: one tensor per call

@@ -91,6 +91,31 @@ def test_kernel_writes_bump_version_counters(name, call):
     assert _written_by(call) == [True, True]
 
 
+def _version_steps(call, grads):
+    params = [param_with_grad(g) for g in grads]
+    before = [p.grad._version for p in params]
+    call(params)
+    return [p.grad._version - b for p, b in zip(params, before)]
+
+
+@pytest.mark.parametrize("name, arg", [("clip_grad_norm_", 0.1), ("clip_grad_value_", 0.5)])
+def test_grads_torch_writes_after_the_kernel_are_bumped_once_as_torch_does(name, arg):
+    """A sliced view, and a 0-d float32 grad under a float64 coefficient, are written by torch's
+    own ops after the kernel (which bump them): the kernel's bump skips them, so each grad's
+    counter moves by one, as one in-place op of torch moves it (it moved by two)."""
+    def grads():
+        g = torch.Generator().manual_seed(4)
+        return [(torch.randn(40, generator=g) * 10)[::2], torch.tensor(3.0),
+                torch.randn(6, dtype=torch.float64, generator=g) * 10, torch.randn(9, generator=g) * 10]
+
+    ours = _version_steps(lambda ps: getattr(fastclip, name)(ps, arg), grads())
+    theirs = _version_steps(lambda ps: getattr(torch.nn.utils, name)(ps, arg), grads())
+    assert ours == [1, 1, 1, 1]
+    # torch's clip_grad_norm_ makes one in-place op per grad; its clip_grad_value_ two (a clamp
+    # from below, then from above): each counter moved, which is what autograd checks.
+    assert theirs == ([1, 1, 1, 1] if name == "clip_grad_norm_" else [2, 2, 2, 2])
+
+
 def test_a_step_that_does_not_clip_writes_nothing():
     # torch's mul_ by 1.0 bumps the counters anyway; fastclip writes nothing, so they stay.
     assert _written_by(lambda ps: fastclip.clip_grad_norm_(ps, 1e6)) == [False, False]
