@@ -392,6 +392,16 @@ def numba_launch(device: torch.device):
 
 def _upload(table: TensorTable, device: torch.device, stream: int, capturing: bool,
             scalars: tuple = ()) -> _DeviceTable:
+    # A GPU faults on a load that is not aligned to its size ("misaligned address", which ends
+    # the process's CUDA context); torch's tensors always are, but one imported with a byte
+    # offset (DLPack, __cuda_array_interface__) may not be. Checked here, on a cache miss only.
+    misaligned = np.flatnonzero(table.addrs % ITEMSIZE[table.codes & K.CODE_MASK])
+    if misaligned.size:
+        i = int(misaligned[0])
+        raise TypeError(f"{table.fn}: grad {table._index(i)} of `{table.arg}` (counting only the "
+                        f"tensors that have one) starts at an address that is not a multiple of its "
+                        f"element size ({table.tensors[i].dtype}), which a GPU cannot read; give it "
+                        "aligned memory first (p.grad = p.grad.clone())")
     # Blocks write their chunks concurrently: memory listed twice would race (torch scales it
     # twice, one multiply after the other), so its later listings are left to torch; so are
     # ``scalars`` (see ``device_table``).

@@ -242,6 +242,20 @@ def test_the_cache_tells_dtypes_of_the_same_memory_apart(small_chunks):
     assert e_bf16._keep[lay["codes"]] == DTYPE_CODES[torch.bfloat16]
 
 
+def test_a_grad_not_aligned_to_its_element_size_is_refused_before_any_launch(small_chunks):
+    """A GPU faults on a misaligned load, and the fault ends the process's CUDA context. torch
+    allocates aligned memory, but a tensor made from a buffer at a byte offset is not."""
+    aligned = torch.ones(8)
+    odd = torch.frombuffer(bytearray(64), dtype=torch.float32, offset=1, count=8)
+    assert odd.data_ptr() % 4 == 1
+    table = _cpu_table([aligned, odd])
+    table.fn, table.arg = "clip_grad_norm_", "parameters"
+    with pytest.raises(TypeError, match=r"clip_grad_norm_: grad 1 of `parameters` .* not a multiple "
+                                        r"of its element size \(torch.float32\)"):
+        _cuda.device_table(table)
+    assert _cuda.device_table(_cpu_table([aligned])).n == 1  # aligned ones upload as before
+
+
 def test_pinned_arena_hands_out_disjoint_64_byte_aligned_views():
     """Captured uploads each get pinned memory of their own, never reused: views that start on
     64-byte steps and never overlap (a plain tensor stands in for the pinned block)."""
