@@ -27,6 +27,18 @@ DTYPE_CODES = {
 ITEMSIZE = np.array([4, 8, 2, 2], dtype=np.int64)  # bytes per element, by dtype code
 
 
+def is_expanded(t: torch.Tensor) -> bool:
+    """True when several of ``t``'s elements share one memory location (a zero stride)."""
+    return any(s == 0 and n > 1 for s, n in zip(t.stride(), t.shape))
+
+
+def expanded_view_error(fn: str, where: str, t: torch.Tensor) -> RuntimeError:
+    """The error for an expanded ``t`` (``where`` names it) that would have to be written."""
+    return RuntimeError(f"{fn}: {where} is an expanded view (stride {tuple(t.stride())}): several "
+                        "of its elements share one memory location, so it cannot be written in "
+                        "place. Give it its own memory first (p.grad = p.grad.clone()).")
+
+
 def is_dense(t: torch.Tensor) -> bool:
     """True when ``t``'s elements fill ``numel`` consecutive slots from ``data_ptr()``.
 
@@ -161,12 +173,9 @@ class TensorTable:
         own in-place ops refuse; torch's clip_grad_norm_ writes them, then raises.)"""
         for i in self.strided:
             t = self.tensors[i]
-            if any(s == 0 and n > 1 for s, n in zip(t.stride(), t.shape)):
-                raise RuntimeError(
-                    f"{self.fn}: grad {self._index(i)} of `{self.arg}` (counting only the tensors that "
-                    f"have one) is an expanded view (stride {tuple(t.stride())}): several of its "
-                    "elements share one memory location, so it cannot be written in place. Give it "
-                    "its own memory first (p.grad = p.grad.clone()).")
+            if is_expanded(t):
+                raise expanded_view_error(self.fn, f"grad {self._index(i)} of `{self.arg}` "
+                                          "(counting only the tensors that have one)", t)
         written = set(self.strided).union(by_torch)
         if written and not torch.is_inference_mode_enabled():
             for i in sorted(written):

@@ -15,6 +15,8 @@ from typing import Iterable, Union
 import numpy as np
 import torch
 
+from fastclip._table import expanded_view_error, is_expanded
+
 TensorOrTensors = Union[torch.Tensor, Iterable[torch.Tensor]]
 # A number argument as fastclip reads it (``float(value)``, as torch does): a Python number, a
 # one-element tensor, a one-element numpy array, or a numpy scalar.
@@ -108,11 +110,8 @@ def check_torch_can_write(grads: list, fn: str, arg: str = "parameters", clamp: 
                                "set (complex grads, or a device without a fastclip kernel), refuses to "
                                "update it in place outside inference mode. Clone it first "
                                "(p.grad = p.grad.clone()).")
-        if any(s == 0 and n > 1 for s, n in zip(g.stride(), g.shape)):
-            raise RuntimeError(f"{fn}: {where} is an expanded view (stride {tuple(g.stride())}): "
-                               "several of its elements share one memory location, so it cannot be "
-                               "written in place. Give it its own memory first "
-                               "(p.grad = p.grad.clone()).")
+        if is_expanded(g):
+            raise expanded_view_error(fn, where, g)
 
 
 def check_max_norm(max_norm: object, fn: str, arg: str = "max_norm") -> Union[float, torch.Tensor]:

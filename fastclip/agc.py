@@ -44,7 +44,7 @@ from fastclip import _cpu
 from fastclip import _distributed
 from fastclip import _validate as V
 from fastclip._agc_split import clip_split_, splits_units, unit_factors
-from fastclip._table import DTYPE_CODES, NO_MEMORY_BELOW, is_dense, mark_written
+from fastclip._table import DTYPE_CODES, NO_MEMORY_BELOW, is_dense, is_expanded, mark_written
 from fastclip.kernels import agc as K
 
 _FN = "adaptive_grad_clip_"
@@ -131,7 +131,7 @@ def _pairs(parameters: list) -> tuple[list, list]:
             raise ValueError(f"{_FN}: the grad at index {i} of `parameters` does not match its "
                              f"parameter: {g.dtype} {tuple(g.shape)} on {g.device} vs "
                              f"{p.dtype} {tuple(p.shape)} on {p.device}")
-        if not g.is_contiguous() and any(st == 0 and n > 1 for st, n in zip(g.stride(), g.shape)):
+        if is_expanded(g):
             raise ValueError(f"{_FN}: the grad at index {i} of `parameters` overlaps itself "
                              f"(an expanded tensor, strides {g.stride()}); it cannot be clipped "
                              "in place")
