@@ -460,7 +460,7 @@ def _clamp_16bit(decode, encode):
         if v > b32:
             h[j] = encode(b32)
         elif v < -b32:
-            h[j] = encode(b32) | np.uint16(0x8000)
+            h[j] = encode(b32) ^ np.uint16(0x8000)  # -bound encoded (bound -0.0 gives +0.0)
 
     return clamp
 

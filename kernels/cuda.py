@@ -1078,7 +1078,7 @@ def _clamp_thread(addr, code, start, stop, tid, bound):
     b32 = np.float32(bound)
     is_half = code == FLOAT16
     hi = _encode16(b32, is_half)
-    lo = hi | np.uint16(0x8000)
+    lo = hi ^ np.uint16(0x8000)  # -bound encoded: the sign flipped (bound -0.0 gives +0.0)
     base, per_word, nw = _words(addr, code, start, stop)
     j = start + tid  # first element left to the scalar loop
     if (base & 15) == 0:

@@ -552,7 +552,7 @@ SPECIALS = [-1.0, -0.0, 0.0, 1.0, float("nan"), -float("nan"), float("inf"), -fl
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-@pytest.mark.parametrize("clip_value", [0.0, 0.1, 1.0, 1 + 2 ** -11 + 2 ** -40, 1e-30, 2.5, 60000.0])
+@pytest.mark.parametrize("clip_value", [0.0, -0.0, 0.1, 1.0, 1 + 2 ** -11 + 2 ** -40, 1e-30, 2.5, 60000.0])
 @pytest.mark.parametrize("layout", ["small", "chunks", "sliced"])
 def test_clip_grad_value_bitwise_like_torch(dtype, clip_value, layout):
     if layout == "small":

@@ -1061,18 +1061,22 @@ def test_strided_fold_reads_nothing_at_or_past_its_stop():
 
 
 @needs_sim
-def test_clamp_to_zero_keeps_the_sign_of_zeros_like_torch():
+@pytest.mark.parametrize("bound", [0.0, -0.0])
+def test_clamp_to_zero_keeps_the_sign_of_zeros_like_torch(bound):
     """Bound 0: torch's ``clamp_(min=-0.0, max=0.0)`` leaves +0.0 and -0.0 as they are and sends
     the rest to a zero of their sign. The kernel stores only the elements that compare beyond the
-    bound, so +0.0 (not below -0.0) keeps its sign bit clear, in every dtype."""
+    bound, so +0.0 (not below -0.0) keeps its sign bit clear, in every dtype. Bound -0.0 (which
+    ``clip_grad_value_`` takes): torch's ``clamp_(min=0.0, max=-0.0)`` sends positives to -0.0
+    and negatives to +0.0, the bound and its negation, in 16-bit dtypes too."""
     values = [0.0, -0.0, 1.0, -1.0, 3e-5, -3e-5] * 6
     tensors = [torch.tensor(values, dtype=d) for d in (torch.float32, torch.float64, torch.float16,
                                                        torch.bfloat16)]
-    expected = [t.clone().clamp_(min=-0.0, max=0.0) for t in tensors]
-    _cuda.clamp_(_table(tensors), 0.0)
+    expected = [t.clone().clamp_(min=-bound, max=bound) for t in tensors]
+    _cuda.clamp_(_table(tensors), bound)
     for t, e in zip(tensors, expected):
         assert_bitwise_equal(t, e)
-    assert torch.signbit(tensors[2]).tolist() == [False, True] * 18  # negative control: signs kept
+    signs = [False, True] if math.copysign(1.0, bound) > 0 else [False, True, True, False, True, False]
+    assert torch.signbit(tensors[2]).tolist() == signs * (36 // len(signs))  # negative control
 
 
 # --- the clamp's 16-byte words ---------------------------------------------------------------
