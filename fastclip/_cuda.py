@@ -111,6 +111,16 @@ class _DeviceTable:
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 _is_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing", None)
 
+# torch's default stream (handle 0) is the *legacy* default stream. cuda-bindings resolves a NULL
+# stream to the per-thread default stream instead when CUDA_PYTHON_CUDA_PER_THREAD_DEFAULT_STREAM
+# is set (it then loads the driver's _ptsz entry points), which would run the kernels unordered
+# with torch's work. The explicit legacy handle means the same stream whatever that setting.
+_CU_STREAM_LEGACY = 0x1
+
+
+def _driver_stream(handle: int) -> int:
+    return handle if handle else _CU_STREAM_LEGACY
+
 
 def _stream_handle(device: torch.device) -> int:
     if device.type != "cuda":
@@ -192,6 +202,15 @@ class _PinnedArena:
 _arena = _PinnedArena()
 
 
+@contextlib.contextmanager
+def _quiet_occupancy():
+    """numba-cuda warns at every dispatcher launch of fewer than 128 blocks (a NumbaPerformance-
+    Warning, on by default); fastclip's grids are sized to the work on purpose."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*will likely result in GPU under-utilization")
+        yield
+
+
 def _device_guard(index: int):
     if index < 0 or torch.cuda.current_device() == index:
         return contextlib.nullcontext()
@@ -255,6 +274,8 @@ class _Launcher:
         if K.SIMULATOR or entry.index < 0:
             self.dispatcher[entry.grid, K.THREADS](*args)
             return
+        if len(args) != len(self.convs):  # cuda.core would pass the kernel a short parameter array
+            raise RuntimeError(f"fastclip: {len(args)} arguments for a kernel of {len(self.convs)}")
         state = self.per_device.get(entry.index) or self.prepare(entry.index)
         with _device_guard(entry.index):
             if state["fast"] is not None:
@@ -271,8 +292,10 @@ class _Launcher:
             if stream is None:
                 from numba import cuda
 
-                stream = state["numba_streams"][entry.stream] = cuda.external_stream(entry.stream)
-            self.dispatcher[entry.grid, K.THREADS, stream](*args)
+                stream = state["numba_streams"][entry.stream] = cuda.external_stream(
+                    _driver_stream(entry.stream))
+            with _quiet_occupancy():
+                self.dispatcher[entry.grid, K.THREADS, stream](*args)
 
     def _fast_launch(self, state: dict, entry: _DeviceTable, args: tuple) -> None:
         config = state["configs"].get(entry.grid)
@@ -280,7 +303,8 @@ class _Launcher:
             config = state["configs"][entry.grid] = state["LaunchConfig"](grid=entry.grid, block=K.THREADS)
         stream = state["streams"].get(entry.stream)
         if stream is None:
-            stream = state["streams"][entry.stream] = state["Stream"].from_handle(entry.stream)
+            stream = state["streams"][entry.stream] = state["Stream"].from_handle(
+                _driver_stream(entry.stream))
         state["fast"](stream, config, state["kernel"], *[conv(a) for conv, a in zip(self.convs, args)])
         state["fast_ok"] = True
 
@@ -386,8 +410,9 @@ def numba_launch(device: torch.device):
         return
     from numba import cuda
 
-    with cuda.gpus[device.index if device.index is not None else torch.cuda.current_device()]:
-        yield cuda.external_stream(torch.cuda.current_stream(device).cuda_stream)
+    with cuda.gpus[device.index if device.index is not None else torch.cuda.current_device()], \
+            _quiet_occupancy():
+        yield cuda.external_stream(_driver_stream(torch.cuda.current_stream(device).cuda_stream))
 
 
 def _upload(table: TensorTable, device: torch.device, stream: int, capturing: bool,

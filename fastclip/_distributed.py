@@ -345,6 +345,15 @@ def _all_reduce(value: Union[float, torch.Tensor], p: float, group) -> Union[flo
 
 def _device_index(sel: np.ndarray, device: torch.device) -> torch.Tensor:
     """``sel`` on ``device``, cached: a model's buckets are the same at every step."""
+    if device.type == "cuda":
+        from fastclip import _cuda
+
+        if _cuda._capturing(device):
+            # Never the cache while capturing: an index uploaded now holds its values only once
+            # the graph replays (an eager call reading it from the cache would index with
+            # garbage), and a cached one a graph reads must outlive the graph (the cache may
+            # evict it). The arena's pinned memory is what the captured copy reads at replay.
+            return _cuda.upload_int64(np.ascontiguousarray(sel, dtype=np.int64), device, capturing=True)
     key = (device, sel.tobytes())
     idx = _index_cache.get(key)
     if idx is None:

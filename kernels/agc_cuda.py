@@ -35,6 +35,7 @@ from .agc import GRAD_NORM_FLOOR, build_agc_chunks
 from .cuda import (
     SIMULATOR,
     _device,
+    _kernel,
     as_f32,
     as_f64,
     as_u16,
@@ -254,9 +255,11 @@ def _zero_if_flag(flag, meta, n, nc):
             h[j] = np.uint16(0)
 
 
-agc_rows = cuda.jit(_agc_rows)
-agc_pieces = cuda.jit(_agc_pieces)
-zero_if_flag = cuda.jit(_zero_if_flag)
+# ``_kernel``: numba's disk cache on a GPU (as the norm kernels), so that ``warmup()`` in an image
+# spares each process compiling these three (seconds); plain ``cuda.jit`` in the simulator.
+agc_rows = _kernel(_agc_rows)
+agc_pieces = _kernel(_agc_pieces)
+zero_if_flag = _kernel(_zero_if_flag)
 
 _AGC_ARGS = (types.int64[::1], types.float64[::1], types.int64, types.int64, types.int64,
              types.float64, types.float64)

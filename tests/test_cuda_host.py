@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -126,6 +127,91 @@ def test_fast_launches_convert_arguments_and_errors_after_success_propagate(monk
     launcher.per_device[0]["fast"] = refuse
     with pytest.raises(TypeError, match="later failure"):  # a path that worked does not flip
         launcher(entry, (1, 2, 3, 4, 0, 0.0))
+
+
+@pytest.mark.parametrize("path", ["cuda.core", "numba dispatcher"])
+def test_torchs_default_stream_is_launched_on_as_the_legacy_stream(monkeypatch, path):
+    """torch's default stream has the handle 0, the legacy default stream. cuda-bindings reads a
+    NULL stream as the per-thread default stream where CUDA_PYTHON_CUDA_PER_THREAD_DEFAULT_STREAM
+    is set (numba-cuda suggests setting it): the kernels get CU_STREAM_LEGACY (1) instead, on
+    both launch paths; another stream keeps its handle."""
+    seen = []
+
+    def refuse(*args):
+        raise TypeError("unsupported kernel argument type")
+
+    launcher, dispatcher, entry = _launcher(monkeypatch, (lambda *a: seen.append(a))
+                                            if path == "cuda.core" else refuse)
+    for handle, expected in ((0, 1), (77, 77)):
+        entry.stream = handle
+        launcher(entry, (1, 2, 3, 4, 0, 0.0))
+        used = seen[-1][0] if path == "cuda.core" else dispatcher.calls[-1][0][2]
+        assert used[1] == expected, (handle, used)
+
+
+def test_a_launch_with_the_wrong_number_of_arguments_is_refused_before_any_launch(monkeypatch):
+    """cuda.core hands the kernel whatever parameter array it is given: a short argument tuple
+    would leave the kernel reading garbage for the missing parameters."""
+    seen = []
+    launcher, dispatcher, entry = _launcher(monkeypatch, lambda *a: seen.append(a))
+    for args in ((1, 2, 3, 4, 0), (1, 2, 3, 4, 0, 0.0, 7)):
+        with pytest.raises(RuntimeError, match="arguments for a kernel of 6"):
+            launcher(entry, args)
+    assert seen == [] and dispatcher.calls == []
+    assert launcher.per_device[0]["fast"] is not None  # not mistaken for an API change
+
+
+def test_dispatcher_launches_of_few_blocks_do_not_warn(monkeypatch):
+    """numba-cuda warns at every dispatcher launch of fewer than 128 blocks; fastclip sizes its
+    grids to the work on purpose, and a user running with warnings as errors must not fail."""
+    from numba.core.errors import NumbaPerformanceWarning
+
+    def refuse(*args):
+        raise TypeError("unsupported kernel argument type")
+
+    launcher, dispatcher, entry = _launcher(monkeypatch, refuse)
+
+    def warn_then_record(config):
+        def launch(*args):
+            warnings.warn(f"Grid size {config[0]} will likely result in GPU under-utilization due "
+                          "to low occupancy.", NumbaPerformanceWarning)
+            dispatcher.calls.append((config, args))
+        return launch
+
+    dispatcher.__class__ = type("Warning", (_Dispatcher,), {"__getitem__": lambda self, c: warn_then_record(c)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        launcher(entry, (1, 2, 3, 4, 0, 0.0))
+    assert len(dispatcher.calls) == 1
+    with pytest.warns(NumbaPerformanceWarning):  # negative control: the stand-in does warn
+        dispatcher[(5, 256)](1)
+
+
+def test_a_bucket_index_uploaded_while_capturing_bypasses_the_cache(monkeypatch):
+    """DTensor buckets index per-tensor sums with an index uploaded once and cached. While a
+    stream is captured, the upload is only recorded (the tensor holds its values once the graph
+    replays) and a cached index could be evicted under a live graph: capture uploads from the
+    never-reused pinned arena and leaves the cache alone."""
+    from fastclip import _distributed
+
+    uploads = []
+
+    def upload(host, device, capturing=None):
+        uploads.append((host.tolist(), capturing))
+        return torch.from_numpy(host.copy())
+
+    monkeypatch.setattr(_cuda, "upload_int64", upload)
+    monkeypatch.setattr(_distributed, "_index_cache", {})
+    cuda0 = torch.device("cuda", 0)
+    monkeypatch.setattr(_cuda, "_capturing", lambda device: True)
+    idx = _distributed._device_index(np.array([2, 0, 1], dtype=np.int64), cuda0)
+    assert idx.tolist() == [2, 0, 1] and uploads == [([2, 0, 1], True)]
+    assert _distributed._index_cache == {}
+    monkeypatch.setattr(_cuda, "_capturing", lambda device: False)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: self)
+    _distributed._device_index(np.array([2, 0, 1], dtype=np.int64), cuda0)
+    assert len(_distributed._index_cache) == 1  # negative control: eager calls cache it
 
 
 def test_the_fast_launch_paths_pieces_exist_in_the_installed_packages():

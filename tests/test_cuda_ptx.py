@@ -208,3 +208,19 @@ def test_kernels_compile_under_numpy_without_row_stack():
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report == {"entry": True, "row_stack_left": False}
+
+
+def test_every_kernel_is_disk_cached_on_a_gpu():
+    """numba-cuda caches a kernel on disk only when it is made with ``cache=True``: the AGC
+    kernels once were not, so every process compiled them again (~2.4 s here) and ``warmup()``
+    in an image could not spare it."""
+    from fastclip.kernels import agc_cuda as A
+    from fastclip.kernels import cuda as K
+
+    if not K.CACHE:
+        pytest.skip("numba cannot cache on this machine")
+    kernels = {name: kernel for name, (kernel, _) in K.KERNELS.items()}
+    kernels.update({name: getattr(A, name) for name in A.SIGNATURES})
+    uncached = [name for name, kernel in kernels.items()
+                if type(kernel._cache).__name__ == "NullCache"]
+    assert uncached == []
