@@ -88,7 +88,8 @@ def nonfinite_flag(total, device: torch.device) -> torch.Tensor:
     """torch's found-inf flag for a power sum: float32 0-d on ``device``, 1.0 when non-finite.
 
     A sum of |x|**p is non-finite exactly when an element is, unless it overflows float64
-    (float64 grads above ~1e154, or a large p): that counts as an overflow too.
+    (float64 grads above ~1e154, or a large p): that counts as an overflow here. Callers on the
+    host tell the two apart first (``overflowed_on_finite_grads``); a device cannot without a sync.
     """
     if isinstance(total, float):
         return torch.full((), 0.0 if math.isfinite(total) else 1.0, dtype=torch.float32, device=device)
@@ -144,6 +145,16 @@ def scaled_pass(plan: Plan, p: float, inv_scale: torch.Tensor, group=None):
     return norm, found
 
 
+def overflowed_on_finite_grads(plan: Plan, p: float, norm: torch.Tensor, group=None) -> bool:
+    """True when the power sum of the *scaled* grads overflowed float64 although every element is
+    finite (float64 grads beyond ~1.3e154 / scale, p = 2): torch's ``unscale_`` finds no inf/NaN
+    there and its clip may give a finite norm, so the caller must unscale first, as torch does.
+    Decided on the host only (one more read pass, in that rare case); a device check would sync."""
+    return (group is None and plan.host_only and plan.dtype == torch.float64
+            and not math.isfinite(norm.item())
+            and not any(r.nonfinite for r in plan.power_sums(p, count_nonfinite=True)))
+
+
 def scale_grads_(plan: Plan, factor: torch.Tensor) -> None:
     """Multiply every grad by the 0-d ``factor`` in one read+write pass, whatever its value.
 
@@ -157,6 +168,8 @@ def scale_grads_(plan: Plan, factor: torch.Tensor) -> None:
         if s.backend.RESULTS_ON_HOST:
             f = float(factor)  # the CPU kernels take a host float
             if f > 1.0:
+                # torch writes every grad here: refuse first what its mul_ would refuse part-way
+                s.table.check_writable(range(len(s.table.tensors)))
                 torch._foreach_mul_(s.table.tensors, f)
             else:
                 s.backend.scale_(s.table, f, factor.dtype)
@@ -250,6 +263,9 @@ def unscale_and_clip_planned(scaler, optimizer, state, grads, group, plan, max_n
         return clip_planned(plan, group, optimizer_params(optimizer), max_norm, p)
     inv_scale = inv_scale_of(scaler)
     norm, found = scaled_pass(plan, p, inv_scale, group)
+    if overflowed_on_finite_grads(plan, p, norm, group):
+        torch_unscale_(scaler, optimizer, plan)
+        return clip_planned(plan, group, optimizer_params(optimizer), max_norm, p)
     unscale_clip_grads_(plan, inv_scale, clip_coefficient(max_norm, norm))
     state["found_inf_per_device"] = found
     state["stage"] = OptState.UNSCALED
@@ -259,6 +275,8 @@ def unscale_and_clip_planned(scaler, optimizer, state, grads, group, plan, max_n
 def torch_unscale_(scaler: GradScaler, optimizer: torch.optim.Optimizer, plan: Plan) -> None:
     """``scaler.unscale_(optimizer)`` on grads that ``plan`` was built for. The plan reads sliced
     grads through copies made when it was built: they are refreshed from the unscaled grads."""
+    for s in plan.sets:  # torch's unscale_ writes every grad: refuse first what it refuses part-way
+        s.table.check_writable(range(len(s.table.tensors)))
     scaler.unscale_(optimizer)
     plan.refresh_copies()
 
@@ -284,8 +302,11 @@ def unscale_clip_grads_(plan: Plan, inv_scale: torch.Tensor, coef: torch.Tensor)
     """
     factor = inv_scale.to(coef.device, coef.dtype, non_blocking=True) * coef
     if plan.host_only:
-        f = abs(factor.item())
-        if inv_scale.item() > 1.0 or 0.0 < f < torch.finfo(factor.dtype).tiny:
+        # The kernels apply the factor to 32- and 16-bit grads as a float32: decide on that value
+        # (a float64 factor may be a float32 subnormal), and a factor that underflowed to 0 from a
+        # coefficient that is not 0 needs the two passes as well.
+        f = abs(float(factor.float()))
+        if inv_scale.item() > 1.0 or (coef.item() != 0.0 and f < torch.finfo(torch.float32).tiny):
             scale_grads_(plan, inv_scale)
             plan.scale_(coef)
             return

@@ -22,8 +22,9 @@ from fastclip._compile import entry_point
 from fastclip import _validate as V
 from fastclip._plan import Plan
 from fastclip.amp import (check_no_fp16, check_optimizer, check_scaler, clip_planned, fuses_unscale,
-                          inv_scale_of, optimizer_params, plan_grads, scale_of, scaled_pass,
-                          torch_unscale_, unscale_and_clip_planned, unscale_clip_grads_)
+                          inv_scale_of, optimizer_params, overflowed_on_finite_grads, plan_grads,
+                          scale_of, scaled_pass, torch_unscale_, unscale_and_clip_planned,
+                          unscale_clip_grads_)
 from fastclip.clip_grad import clip_coefficient
 
 _FN = "clip_and_step"
@@ -126,9 +127,11 @@ def clip_and_step(
     into the AMP scale, with a scaler) goes to the step as ``optimizer.grad_scale``, which the fused
     kernel divides every grad by, and the found-inf flag as ``optimizer.found_inf``. fastclip does
     not write the grads; torch's fused CPU kernels store the grad they used (clipped, unscaled)
-    back into ``.grad``, except on a skipped step. Both attributes are removed after the step. The
+    back into ``.grad``, except on a skipped step (the grads are then left scaled; for p other
+    than 1, 2 and inf, unscaled but not clipped). Both attributes are removed after the step. The
     parameters match torch's clip-then-step up to float rounding (a division by ``1/coef``
-    instead of a multiplication by ``coef``: about one float32 ulp per grad element). When
+    instead of a multiplication by ``coef``: about one float32 ulp per grad element; 16-bit grads
+    reach the step unrounded, where torch's sequence rounds the clipped grad to 16 bits). When
     ``1/coef`` overflows float32 (a norm over ~3.4e38 times ``max_norm``) the fused kernel would
     divide by inf and zero the grads: on the CPU the grads are then scaled in place first and
     the step divides by 1; on a GPU, where checking would need a host sync, the fused step runs
@@ -201,18 +204,27 @@ def clip_and_step(
             scaler.step(optimizer)
         return norm
 
+    # torch's fused step reads and writes numel() elements from each grad's data pointer: an
+    # expanded grad would be read and written past its memory. torch's clip-then-step raises on it
+    # before any write: so does this (before anything is written or stepped).
+    if scaler is not None and state["stage"] is OptState.READY:
+        check_no_fp16(grads, _FN, plan)  # first, as torch's unscale_ refuses them first
+    for s in plan.sets:
+        s.table.check_writable()
     if scaler is None:
         norm = plan.total_norm(p, group=group)
         coef = clip_coefficient(max_norm, norm)
         _fused_step(optimizer, _divisor(plan, coef, lambda: plan.scale_(coef)), None)
         return norm
     if state["stage"] is OptState.READY:
-        check_no_fp16(grads, _FN, plan)
         if not fuses_unscale(p):
             torch_unscale_(scaler, optimizer, plan)  # see fuses_unscale: the stage is UNSCALED
     if state["stage"] is OptState.READY:
         inv_scale = inv_scale_of(scaler)
         norm, found = scaled_pass(plan, p, inv_scale, group)
+        if overflowed_on_finite_grads(plan, p, norm, group):
+            torch_unscale_(scaler, optimizer, plan)  # the stage is UNSCALED: the branch below
+    if state["stage"] is OptState.READY:
         state["found_inf_per_device"] = found
         coef = clip_coefficient(max_norm, norm)
         # grads / grad_scale = grads * inv_scale * coef, with one float32 rounding of the divisor.

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fastclip
+from torch.amp.grad_scaler import OptState
 from device_style import device_style  # noqa: F401 (fixture)
 from reference import assert_bitwise_equal, assert_norm_close, param_with_grad, random_grad
 
@@ -342,7 +343,10 @@ def test_cuda_bf16_grads_match_unscale_then_clip(init_scale, max_norm):
     ([3e38, 1.0, 2.0], 2.0 ** -4, 1.0),  # unscaling overflows to inf (a scale below 1)
     ([3.0, 4.0], 2.0 ** -4, 1.0),  # a scale below 1, finite values
     ([3.0, 4.0], 0.5, 100.0),  # inv_scale 2: a factor in (1, 2], which the clip kernels would skip
-], ids=["subnormal-factor", "unscale-overflow", "scale-below-1", "scale-one-half"])
+    ([2.0 ** 24, -2.0 ** 25, 3 * 2.0 ** 24], 2.0 ** 24, 1e-40),  # inv_scale * coef underflows to 0
+    ([4.6e31 * 65536.0, 6.1e31 * 65536.0], 65536.0, 1e-9),  # the same, and the clipped grads ~4e-10
+], ids=["subnormal-factor", "unscale-overflow", "scale-below-1", "scale-one-half",
+        "factor-underflows-to-0", "factor-0-normal-results"])
 def test_extreme_factors_stay_bitwise_equal_to_unscale_then_clip(grads, init_scale, max_norm):
     """One pass by inv_scale * coef is exact only when that product is a normal float32 and
     unscaling cannot overflow; elsewhere the host path takes torch's two roundings."""
@@ -364,6 +368,72 @@ def test_extreme_factors_stay_bitwise_equal_to_unscale_then_clip(grads, init_sca
     assert_bitwise_equal(norm_a, norm_b)
     assert float(found_a) == float(found_b)
     assert_bitwise_equal(grad_a, grad_b)
+    if max_norm < 1e-8:  # negative control: torch's two roundings leave nonzero grads
+        assert (grad_b != 0).all()
+
+
+def test_a_float64_grad_beside_float32_ones_still_takes_two_passes_for_a_tiny_factor():
+    """With a float64 grad in the set the coefficient is float64, and ``inv_scale * coef`` may lie
+    below float32's normal range but not float64's. The kernel applies it to the float32 grads as
+    a float32, a subnormal with few significant bits (clipped values ~1e-6 off by up to ~1%):
+    that factor takes torch's two roundings too."""
+    def grads():
+        g = torch.Generator().manual_seed(0)
+        return [torch.randn(1000, generator=g) * 1e30 * 2.0 ** 24,
+                torch.randn(3, generator=g, dtype=torch.float64) * 2.0 ** 24]
+
+    results = []
+    for ours in (True, False):
+        params, opt, scaler = _amp_setup(grads(), scale=2.0 ** 24)
+        if ours:
+            norm = fastclip.unscale_and_clip_(scaler, opt, 1e-5, math.inf)
+        else:
+            scaler.unscale_(opt)
+            norm = fastclip.clip_grad_norm_(params, 1e-5, math.inf)
+        results.append((norm, [q.grad.clone() for q in params]))
+    (norm, grads_a), (ref_norm, grads_b) = results
+    assert_bitwise_equal(norm, ref_norm)
+    for a, b in zip(grads_a, grads_b):
+        assert_bitwise_equal(a, b)
+    factor = (1.0 / 2.0 ** 24) * (1e-5 / (float(norm) + 1e-6))
+    assert 0 < factor < torch.finfo(torch.float32).tiny  # the case this test is about
+
+
+def test_float64_grads_whose_scaled_power_sum_overflows_are_not_taken_for_inf():
+    """Finite float64 grads beyond ~1.3e154 / scale: the power sum of the *scaled* grads overflows
+    float64, where torch's unscale_ finds no inf and its clip a finite norm. The step is not
+    skipped: unscale first, then clip, as torch does (on the host; see README for CUDA)."""
+    results = []
+    for ours in (True, False):
+        params, opt, scaler = _amp_setup([torch.tensor([1e150, -2e150, 3.0], dtype=torch.float64)
+                                          * 65536.0], scale=65536.0)
+        if ours:
+            norm = fastclip.unscale_and_clip_(scaler, opt, 1.0)
+        else:
+            scaler.unscale_(opt)
+            norm = fastclip.clip_grad_norm_(params, 1.0)
+        state = scaler._per_optimizer_states[id(opt)]
+        found = float(sum(state["found_inf_per_device"].values()))
+        results.append((norm, params[0].grad.clone(), found, state["stage"]))
+    (norm, grad, found, stage), (ref_norm, ref_grad, ref_found, ref_stage) = results
+    assert math.isfinite(float(ref_norm)) and ref_found == 0.0  # torch's sequence steps
+    assert_bitwise_equal(norm, ref_norm)
+    assert_bitwise_equal(grad, ref_grad)
+    assert found == ref_found and stage is ref_stage
+
+
+@pytest.mark.parametrize("scale, p", [(0.25, 2.0), (4.0, 3.0)], ids=["scale-below-1", "p-3"])
+def test_an_expanded_grad_fails_the_call_before_any_grad_is_unscaled(scale, p):
+    """Routes where torch's ops write the grads (``_foreach_mul_`` for a scale below 1, torch's
+    ``unscale_`` for p other than 1, 2 and inf) refuse an expanded grad before writing the grads
+    listed before it, as the fused route does."""
+    first = torch.tensor([3.0, 4.0]) * scale
+    params, opt, scaler = _amp_setup([first, torch.tensor([5.0]).expand(3)], scale=scale)
+    before = first.clone()
+    with pytest.raises(RuntimeError, match="expanded view"):
+        fastclip.unscale_and_clip_(scaler, opt, 1.0, p)
+    assert_bitwise_equal(params[0].grad, before)
+    assert scaler._per_optimizer_states[id(opt)]["stage"] is not OptState.UNSCALED
 
 
 # --- other p: torch's unscale first (the scaled grads' power sum can overflow) -----------------------
@@ -417,7 +487,7 @@ def test_other_p_training_run_is_unscale_then_clip(p):
 
 
 def _amp_setup(grads, scale=4.0):
-    params = [torch.nn.Parameter(torch.zeros(g.shape)) for g in grads]
+    params = [torch.nn.Parameter(torch.zeros(g.shape, dtype=g.dtype)) for g in grads]
     for p, g in zip(params, grads):
         p.grad = g
     opt = torch.optim.SGD(params, lr=0.1)

@@ -531,3 +531,52 @@ def test_a_sliced_grad_with_p_3_is_read_after_torchs_unscale(name):
     (norm, param), (ref_norm, ref_param) = results
     assert torch.equal(norm, ref_norm)
     torch.testing.assert_close(param, ref_param, rtol=0, atol=2 * torch.finfo(torch.float32).eps)
+
+
+@pytest.mark.parametrize("use_scaler", [False, True], ids=["plain", "amp"])
+@pytest.mark.parametrize("name", FUSED)
+def test_an_expanded_grad_is_refused_before_a_fused_step(name, use_scaler):
+    """torch's fused CPU step reads and writes numel() elements from a grad's address: an expanded
+    grad (one element, stride 0) would be read and written past its memory (here into the rest of
+    the buffer it views; past a buffer of its own, the heap). torch's clip-then-step raises before
+    its step; so does clip_and_step, before anything is written or stepped."""
+    buffer = torch.arange(1.0, 65.0)
+    w = torch.nn.Parameter(torch.zeros(64))
+    w.grad = buffer[:1].expand(64)
+    opt = OPTIMIZERS[name]([w])
+    scaler = None
+    if use_scaler:
+        scaler = torch.amp.GradScaler("cpu")
+        scaler.scale(torch.tensor(1.0))
+    state = {k: v.clone() for k, v in opt.state[w].items()}  # Adagrad's starts filled
+    with pytest.raises(RuntimeError, match="expanded view"):
+        fastclip.clip_and_step(opt, 1e9, scaler=scaler)
+    assert torch.equal(buffer, torch.arange(1.0, 65.0))
+    assert torch.equal(w.detach(), torch.zeros(64))
+    assert opt.state[w].keys() == state.keys()
+    assert all(torch.equal(opt.state[w][k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("name", ["sgd-fused", "adam-fused", "sgd"])
+def test_float64_grads_whose_scaled_power_sum_overflows_still_step(name):
+    """Finite float64 grads beyond ~1.3e154 / scale: the scaled power sum overflows float64, but
+    torch's unscale_ finds no inf and steps. So does clip_and_step (unscale first, then clip)."""
+    results = []
+    for ours in (True, False):
+        w = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+        w.grad = torch.tensor([1e150, -2e150, 3.0], dtype=torch.float64) * 65536.0
+        opt = OPTIMIZERS[name]([w])
+        scaler = torch.amp.GradScaler("cpu", init_scale=65536.0)
+        scaler.scale(torch.tensor(1.0))
+        if ours:
+            norm = fastclip.clip_and_step(opt, 1.0, scaler=scaler)
+        else:
+            scaler.unscale_(opt)
+            norm = fastclip.clip_grad_norm_([w], 1.0)
+            scaler.step(opt)
+        scaler.update()
+        results.append((norm, w.detach().clone(), float(scaler.get_scale())))
+    (norm, param, scale), (ref_norm, ref_param, ref_scale) = results
+    assert math.isfinite(float(ref_norm)) and (ref_param != 0).any()  # torch's sequence steps
+    assert torch.equal(norm, ref_norm) and scale == ref_scale
+    torch.testing.assert_close(param, ref_param, rtol=2 * torch.finfo(torch.float64).eps, atol=0)
