@@ -37,6 +37,17 @@ _DISABLED: dict = {}  # fn -> torch.compiler.disable(fn)
 # torch.compiler.disable takes `reason` from torch 2.8; fastclip supports 2.6.
 _TAKES_REASON = "reason" in inspect.signature(torch.compiler.disable).parameters
 
+# Dynamo's eval-frame callback: set while a compiled function runs (also in a frame Dynamo gave up
+# on and runs eagerly), None or False outside one. Read only from torch 2.13: older getters return
+# a borrowed reference (each read drops one; torch 2.6.0 aborts with "deallocating None"), and
+# torch 2.14 is the first seen to give up on the wrapper below (a generator argument).
+# (torch.__version__ is a TorchVersion: it compares as a version, not as a string.)
+try:
+    from torch._C._dynamo.eval_frame import get_eval_frame_callback as _get_callback
+except ImportError:  # moved in a later torch: is_compiling() alone, as before torch 2.14
+    _get_callback = None
+_dynamo_callback = _get_callback if torch.__version__ >= "2.13" else None
+
 _REASON = ("fastclip runs its Numba kernels outside the graph: call {name} outside the compiled "
            "function, or compile without fullgraph=True")
 
@@ -73,7 +84,11 @@ def entry_point(fn: F) -> F:
     def call(*args, **kwargs):
         # Looked up at each call: bound once in the closure, Dynamo missed it on a resumed frame
         # (unscale_and_clip_ after a graph break) and traced into fastclip.
-        if torch.compiler.is_compiling():
+        # A callback while not tracing: Dynamo gave up on this frame (torch 2.14 does when an
+        # argument is a generator it cannot rebuild at the graph break) and runs it eagerly, but
+        # would still trace every frame the eager call makes, numba's arguments included.
+        if torch.compiler.is_compiling() or (
+                _dynamo_callback is not None and _dynamo_callback() not in (None, False)):
             return _disabled(fn_no_grad, reason)(*args, **kwargs)
         # Restored whatever it was: user code run by the call (an optimizer step, a generator)
         # may switch grad mode and leave it switched.

@@ -193,3 +193,30 @@ def test_eager_use_never_imports_dynamo():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "False"
+
+
+def test_a_compiled_step_passing_a_generator_runs_again_after_a_reset():
+    """``clip_grad_norm_(model.parameters(), ...)`` in a compiled step, compiled twice: once the
+    graph-break wrapper exists, torch 2.14's Dynamo gives up on fastclip's entry frame (it cannot
+    rebuild the generator argument) and runs it eagerly with its frame hook still on, which traced
+    fastclip's internals (a numba TypingError). A frame run under Dynamo's hook takes the disabled
+    path too. (Fails on torch 2.14 without that; torch 2.13 never gives up on the frame.)"""
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+
+        def step(x, y):
+            opt.zero_grad()
+            ((model(x) - y) ** 2).mean().backward()
+            norm = fastclip.clip_grad_norm_(model.parameters(), 0.5)
+            opt.step()
+            return norm
+
+        return step
+
+    x, y = torch.randn(32, 8, generator=torch.Generator().manual_seed(1)), torch.zeros(32, 1)
+    expected = make()(x, y)
+    for _ in range(2):
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(make(), backend="eager")(x, y), expected)

@@ -32,6 +32,18 @@ device = "cpu"
 _NAMES = ("clip_grad_norm_", "clip_grad_value_", "get_total_norm", "clip_grads_with_norm_")
 
 
+def _torch_warns_on_an_empty_generator() -> bool:
+    """Whether this torch's ``clip_grad_norm_`` warns on an exhausted generator (2.6.0's does not;
+    2.13's does, and so does fastclip whatever the torch)."""
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        fc.TORCH_CLIP_GRAD_NORM((p for p in ()), 1.0)
+    return len(w) == 1
+
+
+TORCH_WARNS_ON_AN_EMPTY_GENERATOR = _torch_warns_on_an_empty_generator()
+
+
 class _Checks:
     """The few ``unittest.TestCase`` assertions torch's tests use, with torch's tolerances."""
 
@@ -195,6 +207,8 @@ def test_clip_grad_norm(tc, api, norm_type, foreach):
     tc.assertEqual(p1.grad, p2.grad)
 
     # Should warning when parameters generator exhausted
+    if api.kind == "torch" and not TORCH_WARNS_ON_AN_EMPTY_GENERATOR:
+        return
     params = l.parameters()
     for p in params:
         pass
