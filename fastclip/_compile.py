@@ -26,7 +26,7 @@ from __future__ import annotations
 import functools
 import inspect
 import types
-from typing import Any, Callable, TypeVar, cast
+from typing import Any, Callable, Optional, TypeVar, cast
 
 import torch
 
@@ -42,11 +42,12 @@ _TAKES_REASON = "reason" in inspect.signature(torch.compiler.disable).parameters
 # a borrowed reference (each read drops one; torch 2.6.0 aborts with "deallocating None"), and
 # torch 2.14 is the first seen to give up on the wrapper below (a generator argument).
 # (torch.__version__ is a TorchVersion: it compares as a version, not as a string.)
-try:
-    from torch._C._dynamo.eval_frame import get_eval_frame_callback as _get_callback
-except ImportError:  # moved in a later torch: is_compiling() alone, as before torch 2.14
-    _get_callback = None
-_dynamo_callback = _get_callback if torch.__version__ >= "2.13" else None
+_dynamo_callback: Optional[Callable[[], object]] = None
+if torch.__version__ >= "2.13":
+    try:
+        from torch._C._dynamo.eval_frame import get_eval_frame_callback as _dynamo_callback
+    except ImportError:  # moved in a later torch: is_compiling() alone, as before torch 2.14
+        pass
 
 _REASON = ("fastclip runs its Numba kernels outside the graph: call {name} outside the compiled "
            "function, or compile without fullgraph=True")
