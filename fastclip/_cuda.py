@@ -444,17 +444,21 @@ def _upload(table: TensorTable, device: torch.device, stream: int, capturing: bo
     return _DeviceTable(device, stream, n, nc, grid, table_tensor, scratch, torch_written)
 
 
-def device_table(table: TensorTable) -> _DeviceTable:
-    """The device table of ``table`` on its tensors' device, uploaded or from the cache."""
-    entry = table.chunk_cache.get("cuda")
+def device_table(table: TensorTable, coef_dtype: Optional[torch.dtype] = None) -> _DeviceTable:
+    """The device table of ``table`` on its tensors' device, uploaded or from the cache.
+
+    ``coef_dtype``: the dtype of the coefficient a scale launch multiplies by (None for launches
+    that read, or clamp). 0-d grads narrower than float64 are scaled by torch's mul_ only under a
+    float64 coefficient: torch then multiplies two 0-d operands in float64 and rounds once,
+    where the kernel multiplies in float32. Under a float32 coefficient (and in the clamp) the
+    kernel writes them, as the CPU backend does (``TensorTable.promoted_scalars``)."""
+    scalars = table.promoted_scalars(coef_dtype) if coef_dtype is not None else ()
+    local_key = ("cuda", scalars)
+    entry = table.chunk_cache.get(local_key)
     if entry is not None:
         return entry
     device = table.tensors[0].device
     stream = _stream_handle(device)
-    # 0-d grads narrower than float64 are scaled by torch's mul_: times a float64 coefficient
-    # (a float64 grad in the set) torch multiplies two 0-d operands in float64 and rounds once,
-    # where the kernel multiplies in float32. A few scalars per model: one small launch each.
-    scalars = table.promoted_scalars(torch.float64)
     if _capturing(device):
         entry = _upload(table, device, stream, capturing=True, scalars=scalars)
     else:
@@ -470,7 +474,7 @@ def device_table(table: TensorTable) -> _DeviceTable:
                 _cache[key] = entry
                 while len(_cache) > CACHE_SIZE:
                     _cache.popitem(last=False)
-    table.chunk_cache["cuda"] = entry
+    table.chunk_cache[local_key] = entry
     return entry
 
 
@@ -540,14 +544,15 @@ def scale_(table: TensorTable, coef: torch.Tensor, always: bool = False) -> None
         # illegal-address error that ends the process's CUDA context).
         raise TypeError(f"{table.fn}: the clipping coefficient is a {type(coef).__name__}, which has "
                         "no memory of its own; pass `max_norm` and `total_norm` as plain tensors")
-    entry = device_table(table)
-    table.check_writable(entry.torch_written)  # before the kernel: a failing call changes no grad
+    device = table.tensors[0].device
     if not isinstance(coef, torch.Tensor):  # a host number (the simulator's CPU "device")
-        coef = torch.tensor(float(coef), dtype=torch.float64, device=entry.device)
+        coef = torch.tensor(float(coef), dtype=torch.float64, device=device)
     if coef.dtype != torch.float32 and coef.dtype != torch.float64:
         coef = coef.to(torch.float32)
-    if coef.device != entry.device:
-        coef = coef.to(entry.device, non_blocking=True)
+    if coef.device != device:
+        coef = coef.to(device, non_blocking=True)
+    entry = device_table(table, coef.dtype)
+    table.check_writable(entry.torch_written)  # before the kernel: a failing call changes no grad
     mode = (K.SCALE_F64 if coef.dtype == torch.float64 else 0) | (K.SCALE_ALWAYS if always else 0)
     _scale(entry, (entry.table, entry.n, entry.nc, coef.data_ptr(), mode, 0.0))
     mark_written(table.tensors, skip=entry.torch_written)  # as torch's mul_, written or not
@@ -616,7 +621,7 @@ def fused_clip_(table: TensorTable, p: float, max_norm: float, dtype: torch.dtyp
     """``clip_grad_norm_`` in two launches: kernel 1 writes the norm and torch's coefficient
     (to the table's scratch), kernel 2 reads the coefficient and scales, or returns at once
     when it is 1. Returns the norm (0-d, ``dtype``)."""
-    entry = device_table(table)
+    entry = device_table(table, dtype)
     table.check_writable(entry.torch_written)  # torch's _foreach_mul_ refuses those whatever the norm
     norm = torch.empty((), dtype=dtype, device=entry.device)
     is_f64 = dtype == torch.float64
@@ -653,7 +658,7 @@ def fused_clip_with_norm_(table: TensorTable, max_norm: float, total_norm: torch
     """
     if total_norm.dtype != torch.float32 and total_norm.dtype != torch.float64:
         return False
-    entry = device_table(table)
+    entry = device_table(table, total_norm.dtype)
     table.check_writable(entry.torch_written)  # before the kernel: a failing call changes no grad
     if entry.torch_written or total_norm.device != entry.device or type(total_norm) is not torch.Tensor \
             or _inside_a_tensor(table, total_norm):

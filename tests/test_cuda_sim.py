@@ -689,8 +689,39 @@ def test_scalar_grads_under_a_float64_coefficient_are_left_to_torch(cuda_backend
         torch.nn.utils.clip_grads_with_norm_(_params(theirs), 1.0, norm)
         for a, b in zip(ours, theirs):
             assert_bitwise_equal(a, b)
-        entry = _cuda.device_table(_table(ours))
+        entry = _cuda.device_table(_table(ours), torch.float64)
         assert entry.torch_written == tuple(range(60))  # the 0-d grads, not the vectors
+
+
+@needs_sim
+@pytest.mark.parametrize("call", ["clip_grad_norm_", "clip_grads_with_norm_", "clip_grad_value_"])
+def test_scalar_grads_under_a_float32_coefficient_are_written_by_the_kernel(cuda_backend, call,
+                                                                             monkeypatch):
+    """Without a float64 grad the coefficient is float32, and torch's mul_ of a 0-d grad rounds as
+    the kernel does: the kernel writes it, as the CPU backend does (and the clamp has no
+    coefficient at all). So a 0-d inference grad is clipped, not refused as one torch must write."""
+    def grads():
+        with torch.inference_mode():
+            scalar = torch.tensor(40.0)
+        return [torch.arange(1.0, 51.0), scalar, torch.tensor(-3.0, dtype=torch.bfloat16)]
+
+    calls = {
+        "clip_grad_norm_": lambda ps: fastclip.clip_grad_norm_(ps, 1.0),
+        "clip_grads_with_norm_": lambda ps: fastclip.clip_grads_with_norm_(ps, 1.0, torch.tensor(50.0)),
+        "clip_grad_value_": lambda ps: fastclip.clip_grad_value_(ps, 0.1),
+    }
+    ours = grads()
+    calls[call](_params(ours))
+    from fastclip import _cpu
+
+    monkeypatch.setattr(_plan, "_backend_for", lambda device: _cpu)
+    theirs = grads()
+    calls[call](_params(theirs))
+    for a, b in zip(ours, theirs):
+        assert_bitwise_equal(a, b)
+    assert float(ours[1]) != 40.0  # written
+    assert _cuda.device_table(_table(ours), torch.float32).torch_written == ()
+    assert _cuda.device_table(_table(ours), torch.float64).torch_written == (1, 2)  # control
 
 
 @needs_sim
