@@ -132,7 +132,7 @@ def test_in_kernel_coefficient_is_torchs(C, result_dtype, p):
             table = TensorTable.from_tensors(grads, [dtype, dtype])
             before = [g.clone() for g in grads]
             norm = C.fused_clip_(table, p, max_norm, result_dtype)
-            slot = C.device_table(table).scratch_tensor[K.SCRATCH_COEF:K.SCRATCH_COEF + 1]
+            slot = C.device_table(table, result_dtype).scratch_tensor[K.SCRATCH_COEF:K.SCRATCH_COEF + 1]
             coef = slot.view(F64)[0] if result_dtype == F64 else slot.view(F32)[0]
             assert_bitwise_equal(coef, clip_coefficient(max_norm, norm))
             reference_clip_(before, max_norm, norm)
