@@ -567,7 +567,7 @@ def clamp_(table: TensorTable, bound: float) -> None:
         # is_available loads a norm clip's two kernels only (every CUDA user pays for those);
         # the clamp kernel loads at the first clip_grad_value_, and one that cannot load means
         # torch's ops for this call, as the other two would have meant for the whole backend.
-        table.check_writable(range(len(table.tensors)))
+        table.check_torch_writes_all()
         for t in table.tensors:
             _clamp_like_kernel_(t, bound)
         return

@@ -187,6 +187,11 @@ class TensorTable:
                         "and torch refuses to update inference tensors in place outside inference "
                         "mode. Clone it first (p.grad = p.grad.clone()).")
 
+    def check_torch_writes_all(self) -> None:
+        """``check_writable`` for a write that torch's ops make to every tensor of the table
+        (an unscale, a fallback clamp)."""
+        self.check_writable(range(len(self.tensors)))
+
     def _index(self, i: int) -> int:
         return i if self.positions is None else self.positions[i]
 

@@ -169,7 +169,7 @@ def scale_grads_(plan: Plan, factor: torch.Tensor) -> None:
             f = float(factor)  # the CPU kernels take a host float
             if f > 1.0:
                 # torch writes every grad here: refuse first what its mul_ would refuse part-way
-                s.table.check_writable(range(len(s.table.tensors)))
+                s.table.check_torch_writes_all()
                 torch._foreach_mul_(s.table.tensors, f)
             else:
                 s.backend.scale_(s.table, f, factor.dtype)
@@ -276,7 +276,7 @@ def torch_unscale_(scaler: GradScaler, optimizer: torch.optim.Optimizer, plan: P
     """``scaler.unscale_(optimizer)`` on grads that ``plan`` was built for. The plan reads sliced
     grads through copies made when it was built: they are refreshed from the unscaled grads."""
     for s in plan.sets:  # torch's unscale_ writes every grad: refuse first what it refuses part-way
-        s.table.check_writable(range(len(s.table.tensors)))
+        s.table.check_torch_writes_all()
     scaler.unscale_(optimizer)
     plan.refresh_copies()
 
